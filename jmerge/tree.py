@@ -1,0 +1,256 @@
+"""Validation of pytrees at the public boundary, and the stacked-model layout.
+
+Every public function of jmerge validates its pytree arguments here, once, before any
+tracing, so that a mismatch is reported with the leaf path (``jax.tree_util.keystr``), what
+was expected and what came, instead of surfacing as a shape error deep inside XLA or, worse,
+as a silently wrong merge. Tree *arithmetic* is not written here: it comes from
+``optax.tree_utils`` and ``jax.tree_util``.
+
+Layout conventions:
+
+* A sequence of models is a Python list (or tuple) of pytrees of one structure.
+* The jitted kernels work on the *stacked* form: one pytree whose leaves carry a leading
+  model axis of length T. :func:`as_stacked` accepts either and returns the stacked form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "TreeMismatchError",
+    "NonFiniteError",
+    "check_same_structure",
+    "check_same_shapes",
+    "check_finite",
+    "validate_models",
+    "as_stacked",
+    "stack",
+    "unstack",
+    "leaf_mask",
+    "path_strings",
+]
+
+PyTree = Any
+
+
+class TreeMismatchError(ValueError):
+    """Two pytrees that must agree (structure, shapes or dtypes) do not."""
+
+
+class NonFiniteError(ValueError):
+    """A leaf holds NaN or Inf where finite values are required."""
+
+
+def path_strings(tree: PyTree) -> list[str]:
+    """The ``keystr`` path of every leaf of ``tree``, in leaf order."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_same_structure(
+    reference: PyTree, other: PyTree, *, ref_name: str = "reference", name: str = "tree"
+) -> None:
+    """Raise :class:`TreeMismatchError` unless ``other`` has the tree structure of ``reference``.
+
+    The message lists the leaf paths that are missing from ``other`` and those it has in
+    excess, which is what a user needs to find a renamed layer or a forgotten head.
+    """
+    ref_def = jax.tree_util.tree_structure(reference)
+    oth_def = jax.tree_util.tree_structure(other)
+    if ref_def == oth_def:
+        return
+    ref_paths = path_strings(reference)
+    oth_paths = path_strings(other)
+    missing = [p for p in ref_paths if p not in set(oth_paths)]
+    extra = [p for p in oth_paths if p not in set(ref_paths)]
+    parts = [f"{name} does not have the tree structure of {ref_name}."]
+    if missing:
+        parts.append(f"Leaves missing from {name}: {_short(missing)}.")
+    if extra:
+        parts.append(f"Leaves in {name} but not in {ref_name}: {_short(extra)}.")
+    if not missing and not extra:
+        parts.append(f"Same leaf paths, different node types: expected {ref_def}, got {oth_def}.")
+    raise TreeMismatchError(" ".join(parts))
+
+
+def _short(paths: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" (and {len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def check_same_shapes(
+    reference: PyTree,
+    other: PyTree,
+    *,
+    ref_name: str = "reference",
+    name: str = "tree",
+    check_dtypes: bool = True,
+    leading_axis: int | None = None,
+) -> None:
+    """Raise :class:`TreeMismatchError` unless every leaf of ``other`` matches ``reference``.
+
+    Args:
+      reference, other: pytrees of one structure (checked first).
+      check_dtypes: also require equal dtypes.
+      leading_axis: if given, every leaf of ``other`` must have shape
+        ``(leading_axis, *reference_leaf.shape)`` (the stacked-model layout).
+    """
+    check_same_structure(reference, other, ref_name=ref_name, name=name)
+    for (path, r), o in zip(
+        jax.tree_util.tree_leaves_with_path(reference), jax.tree_util.tree_leaves(other), strict=True
+    ):
+        r_shape, o_shape = np.shape(r), np.shape(o)
+        want = r_shape if leading_axis is None else (leading_axis, *r_shape)
+        if tuple(o_shape) != tuple(want):
+            raise TreeMismatchError(
+                f"{name}{jax.tree_util.keystr(path)} has shape {tuple(o_shape)}, expected "
+                f"{tuple(want)} (the shape of {ref_name}{jax.tree_util.keystr(path)}"
+                + (f" with a leading model axis of {leading_axis}" if leading_axis else "")
+                + ")."
+            )
+        if check_dtypes and jnp.result_type(r) != jnp.result_type(o):
+            raise TreeMismatchError(
+                f"{name}{jax.tree_util.keystr(path)} has dtype {jnp.result_type(o)}, expected "
+                f"{jnp.result_type(r)} (the dtype of {ref_name}{jax.tree_util.keystr(path)})."
+            )
+
+
+def check_finite(tree: PyTree, *, name: str = "tree") -> None:
+    """Raise :class:`NonFiniteError` naming the first leaf that holds NaN or Inf.
+
+    Leaves that are tracers (inside ``jax.jit``) cannot be inspected and are skipped; use
+    ``jax.experimental.checkify`` or the status flags that jmerge's solvers return there.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    concrete = [(p, x) for p, x in leaves if not _is_tracer(x)]
+    if not concrete:
+        return
+    flags = jax.device_get(
+        [jnp.all(jnp.isfinite(x)) for _, x in concrete if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    )
+    inexact = [(p, x) for p, x in concrete if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    for (path, x), ok in zip(inexact, flags, strict=True):
+        if not bool(ok):
+            xs = np.asarray(jax.device_get(x))
+            n_nan, n_inf = int(np.isnan(xs).sum()), int(np.isinf(xs).sum())
+            raise NonFiniteError(
+                f"{name}{jax.tree_util.keystr(path)} is not finite: {n_nan} NaN and {n_inf} Inf "
+                f"of {xs.size} entries (shape {xs.shape}); finite values were expected."
+            )
+
+
+def validate_models(
+    reference: PyTree,
+    models: Sequence[PyTree],
+    *,
+    ref_name: str = "pretrained",
+    name: str = "finetuned",
+    check_dtypes: bool = True,
+    finite: bool = True,
+) -> None:
+    """Check that every model in ``models`` matches ``reference`` leaf for leaf.
+
+    Errors name the model's index and the leaf path, e.g.
+    ``finetuned[2]['params']['Dense_0']['kernel'] has shape (3, 4), expected (4, 4)``.
+    """
+    for i, m in enumerate(models):
+        check_same_shapes(
+            reference, m, ref_name=ref_name, name=f"{name}[{i}]", check_dtypes=check_dtypes
+        )
+        if finite:
+            check_finite(m, name=f"{name}[{i}]")
+    if finite:
+        check_finite(reference, name=ref_name)
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack models into one pytree with a leading model axis: leaf shape ``(T, *shape)``."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(stacked: PyTree) -> list[PyTree]:
+    """Inverse of :func:`stack`: a list of T pytrees."""
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
+
+
+def _is_model_sequence(reference: PyTree, models: Any) -> bool:
+    if not isinstance(models, (list, tuple)) or len(models) == 0:
+        return False
+    ref_def = jax.tree_util.tree_structure(reference)
+    if jax.tree_util.tree_structure(models) == ref_def:
+        return False  # the reference itself is a list/tuple and `models` is a stacked tree
+    return True
+
+
+def as_stacked(
+    reference: PyTree,
+    models: Sequence[PyTree] | PyTree,
+    *,
+    ref_name: str = "pretrained",
+    name: str = "finetuned",
+    check_dtypes: bool = True,
+    finite: bool = True,
+) -> tuple[PyTree, int]:
+    """Validate ``models`` against ``reference`` and return ``(stacked, T)``.
+
+    ``models`` is either a list of T pytrees shaped like ``reference`` or one pytree whose
+    leaves have shape ``(T, *reference_leaf.shape)``.
+    """
+    if _is_model_sequence(reference, models):
+        validate_models(
+            reference, models, ref_name=ref_name, name=name, check_dtypes=check_dtypes, finite=finite
+        )
+        return stack(models), len(models)
+    check_same_structure(reference, models, ref_name=ref_name, name=name)
+    leaves = jax.tree_util.tree_leaves(models)
+    if not leaves or np.ndim(leaves[0]) == 0:
+        raise TreeMismatchError(
+            f"{name} must be a list of models or a stacked pytree with a leading model axis."
+        )
+    t = int(np.shape(leaves[0])[0])
+    check_same_shapes(
+        reference, models, ref_name=ref_name, name=name, check_dtypes=check_dtypes, leading_axis=t
+    )
+    if finite:
+        check_finite(models, name=name)
+        check_finite(reference, name=ref_name)
+    return models, t
+
+
+LeafFilter = str | re.Pattern | Callable[[str, Any], bool] | None
+
+
+def leaf_mask(tree: PyTree, include: LeafFilter = None, exclude: LeafFilter = None) -> PyTree:
+    """A pytree of Python bools, ``True`` where a leaf takes part in a merge.
+
+    ``include``/``exclude`` are regular expressions searched in the leaf's
+    ``jax.tree_util.keystr`` path (e.g. ``exclude=r"head"`` keeps per-task classifier heads out)
+    or predicates ``f(path_str, leaf) -> bool``. A leaf is merged if it matches ``include`` (or
+    ``include`` is None) and does not match ``exclude``.
+    """
+
+    def matches(filt: LeafFilter, path: str, leaf: Any) -> bool:
+        if isinstance(filt, (str, re.Pattern)):
+            return re.search(filt, path) is not None
+        return bool(filt(path, leaf))
+
+    def decide(path, leaf):
+        p = jax.tree_util.keystr(path)
+        keep = include is None or matches(include, p, leaf)
+        if exclude is not None and matches(exclude, p, leaf):
+            keep = False
+        return keep
+
+    return jax.tree_util.tree_map_with_path(decide, tree)
+
