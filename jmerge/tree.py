@@ -107,7 +107,9 @@ def check_same_shapes(
     """
     check_same_structure(reference, other, ref_name=ref_name, name=name)
     for (path, r), o in zip(
-        jax.tree_util.tree_leaves_with_path(reference), jax.tree_util.tree_leaves(other), strict=True
+        jax.tree_util.tree_leaves_with_path(reference),
+        jax.tree_util.tree_leaves(other),
+        strict=True,
     ):
         r_shape, o_shape = np.shape(r), np.shape(o)
         want = r_shape if leading_axis is None else (leading_axis, *r_shape)
@@ -135,10 +137,8 @@ def check_finite(tree: PyTree, *, name: str = "tree") -> None:
     concrete = [(p, x) for p, x in leaves if not _is_tracer(x)]
     if not concrete:
         return
-    flags = jax.device_get(
-        [jnp.all(jnp.isfinite(x)) for _, x in concrete if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    )
     inexact = [(p, x) for p, x in concrete if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in inexact])
     for (path, x), ok in zip(inexact, flags, strict=True):
         if not bool(ok):
             xs = np.asarray(jax.device_get(x))
@@ -209,7 +209,12 @@ def as_stacked(
     """
     if _is_model_sequence(reference, models):
         validate_models(
-            reference, models, ref_name=ref_name, name=name, check_dtypes=check_dtypes, finite=finite
+            reference,
+            models,
+            ref_name=ref_name,
+            name=name,
+            check_dtypes=check_dtypes,
+            finite=finite,
         )
         return stack(models), len(models)
     check_same_structure(reference, models, ref_name=ref_name, name=name)
@@ -253,4 +258,3 @@ def leaf_mask(tree: PyTree, include: LeafFilter = None, exclude: LeafFilter = No
         return keep
 
     return jax.tree_util.tree_map_with_path(decide, tree)
-
