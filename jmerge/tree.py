@@ -127,6 +127,12 @@ def check_same_shapes(
             )
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
+    # One compiled program per tree signature, not one dispatch per leaf.
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
 def check_finite(tree: PyTree, *, name: str = "tree") -> None:
     """Raise :class:`NonFiniteError` naming the first leaf that holds NaN or Inf.
 
@@ -138,7 +144,7 @@ def check_finite(tree: PyTree, *, name: str = "tree") -> None:
     if not concrete:
         return
     inexact = [(p, x) for p, x in concrete if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    flags = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in inexact])
+    flags = jax.device_get(_all_finite([x for _, x in inexact]))
     for (path, x), ok in zip(inexact, flags, strict=True):
         if not bool(ok):
             xs = np.asarray(jax.device_get(x))
@@ -173,6 +179,7 @@ def validate_models(
         check_finite(reference, name=ref_name)
 
 
+@jax.jit
 def stack(trees: Sequence[PyTree]) -> PyTree:
     """Stack models into one pytree with a leading model axis: leaf shape ``(T, *shape)``."""
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)

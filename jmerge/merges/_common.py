@@ -100,9 +100,13 @@ def per_model(value: Any, num_models: int, name: str) -> jax.Array:
 
 
 def model_axis_weights(weights: Any, num_models: int, name: str = "weights") -> jax.Array:
-    """Per-model weights of shape (T,), defaulting to 1/T; non-negative sum checked eagerly."""
+    """Per-model weights of shape (T,), defaulting to 1/T; non-zero sum checked eagerly.
+
+    The default is float64 when x64 is enabled (float32 otherwise), so that float64 models are
+    not merged with a float32-rounded 1/T.
+    """
     if weights is None:
-        return jnp.full((num_models,), 1.0 / num_models, jnp.float32)
+        return jnp.full((num_models,), 1.0 / num_models, jnp.result_type(float))
     w = per_model(weights, num_models, name)
     if not isinstance(w, jax.core.Tracer) and float(np.sum(np.asarray(w))) == 0.0:
         raise ValueError(f"{name} sum to zero; a weighted merge needs a non-zero total weight.")
