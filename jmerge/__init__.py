@@ -1,12 +1,49 @@
 """jmerge: model merging in JAX.
 
 Every merge is a (weighted) least-squares solve,
-(C0 + Σ_t w_t C_t) θ = C0 θ0 + Σ_t w_t C_t θ_t, with curvatures C from ``jmerge.curvature`` and,
-where no closed form exists, the matrix-free conjugate-gradient solver ``jmerge.cg``.
+(C0 + Σ_t w_t C_t) θ = C0 θ0 + Σ_t w_t C_t θ_t, with curvatures C from :mod:`jmerge.curvature`
+and, where no closed form exists, the matrix-free conjugate-gradient solver :func:`cg`.
 """
 
-from jmerge import tree
+from jmerge import curvature, merges, solvers, tree
+from jmerge.curvature import fisher_diag, fisher_vp, ggn_vp, hvp
+from jmerge.merges import (
+    MergeResult,
+    average,
+    dare,
+    dare_ties,
+    fisher_merge,
+    gradient_matching,
+    mats,
+    negation,
+    regmean,
+    task_arithmetic,
+    ties,
+)
+from jmerge.solvers import CGResult, cg
 
 __version__ = "0.1.0"
 
-__all__ = ["tree"]
+__all__ = [
+    "curvature",
+    "merges",
+    "solvers",
+    "tree",
+    "hvp",
+    "ggn_vp",
+    "fisher_vp",
+    "fisher_diag",
+    "cg",
+    "CGResult",
+    "MergeResult",
+    "average",
+    "task_arithmetic",
+    "negation",
+    "ties",
+    "dare",
+    "dare_ties",
+    "fisher_merge",
+    "regmean",
+    "mats",
+    "gradient_matching",
+]
