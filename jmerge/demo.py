@@ -75,7 +75,7 @@ class Curvatures(NamedTuple):
     fisher_exact: list[PyTree]
     fisher_ops: list[Any]
     fisher_ops_diag: list[Any]
-    grams: list[dict[str, jax.Array]]
+    grams: list[Any]
     seconds: dict[str, float]
 
 
@@ -95,10 +95,11 @@ def compute_curvatures(
     * the matrix-free exact Fisher ``fisher_operator`` (no matrix formed), plain and with its
       exact diagonal attached (``MatrixFree(..., diag_tree=...)``: enables Jacobi
       preconditioning and MaTS's ``init="fisher"``);
-    * RegMean input Grams of the backbone's Dense kernels (``digits.dense_input_grams``, a
-      stand-in until ``jmerge.curvature.gram`` lands).
+    * RegMean input Grams XᵀX/n of the Dense kernels (``jmerge.curvature.gram``, captured from
+      the traced program by the same mechanism as the fast Fisher path).
     """
     from jmerge.curvature.fisher import fisher_diag
+    from jmerge.curvature.gram import gram
     from jmerge.curvature.operators import MatrixFree, fisher_operator
 
     logits_fn = digits.LogitsFn(bench.model)
@@ -121,7 +122,7 @@ def compute_curvatures(
         out["op"].append(op)
         out["op_diag"].append(MatrixFree(op.mv_fn, diag_tree=f, operands=op.operands))
         seconds["fisher_operator"] += dt
-        g, dt = _timed(lambda p=params, x=x: digits.dense_input_grams(bench.model, p, x))
+        g, dt = _timed(lambda p=params, x=x: gram(logits_fn, p, x, normalize="mean"))
         out["gram"].append(g)
         seconds["gram"] += dt
     return Curvatures(out["emp"], out["exact"], out["op"], out["op_diag"], out["gram"], seconds)
@@ -137,7 +138,6 @@ def _methods(
     MaTS with a matrix-free Fisher from either initialisation, the initialisation being
     computed inside the thunk).
     """
-    from jmerge.curvature.operators import BlockGram
     from jmerge.merges.basic import average, task_arithmetic
     from jmerge.merges.closed_form import fisher_merge, regmean
     from jmerge.merges.gradient_matching import gradient_matching
@@ -148,7 +148,7 @@ def _methods(
     t = len(ft)
     sizes = [float(bench.data.x_train.shape[0])] * t
     cg = {"maxiter": cfg.maxiter, "rtol": 1e-6, "exclude": HEAD}
-    grams = [BlockGram(g, rest=1.0) for g in curv.grams]
+    grams = curv.grams
     key = jax.random.key(seed)
 
     avg_j = jax.jit(lambda p, f: average(f, pretrained=p, exclude=HEAD))

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from jmerge.curvature.gram import gram
 from jmerge.examples import digits
 
 QUICK = {"pretrain_steps": 150, "finetune_steps": 100}
@@ -97,10 +98,10 @@ def test_curvature_inputs_and_grams(bench):
     assert logits.shape == (64, 10)
     assert digits.LogitsFn(bench.model) == digits.LogitsFn(digits.make_model("mlp"))
     assert np.isfinite(float(digits.LossFn(bench.model)(bench.finetuned[0], (x, y))))
-    grams = digits.dense_input_grams(bench.model, bench.finetuned[0], x)
+    grams = gram(digits.LogitsFn(bench.model), bench.finetuned[0], x, normalize="mean").grams
     leaves = jax.tree_util.tree_leaves_with_path(bench.pretrained)
     keys = {jax.tree_util.keystr(p) for p, _ in leaves}
-    assert set(grams) <= keys and len(grams) == 2
+    assert set(grams) <= keys and len(grams) == 3  # two backbone layers and the head
     for g in grams.values():
         g = np.asarray(g)
         np.testing.assert_allclose(g, g.T, rtol=1e-5, atol=1e-6)

@@ -62,7 +62,6 @@ __all__ = [
     "LogitsFn",
     "LossFn",
     "curvature_inputs",
-    "dense_input_grams",
     "build_benchmark",
 ]
 
@@ -590,46 +589,6 @@ def curvature_inputs(
         np.random.default_rng([seed, list(_VIEWS).index(task)]).permutation(x.shape[0])[:n]
     )
     return jnp.asarray(x[idx], jnp.float32), jnp.asarray(y[idx], jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "include_head"))
-def dense_input_grams(
-    model: nn.Module, params: PyTree, x: jax.Array, *, include_head: bool = False
-) -> dict[str, jax.Array]:
-    """RegMean input Gram matrices of the Dense layers: {keystr of kernel: XᵀX / n}.
-
-    STAND-IN until ``jmerge.curvature.gram`` lands: a minimal capture by Flax method
-    interception, for this example's linen models only (Dense layers; Conv kernels get no
-    Gram and fall to ``BlockGram``'s ``rest``). X stacks the layer's inputs over all leading
-    axes; the Gram is divided by the number of rows (the same for every task here, so the
-    RegMean solve is unchanged).
-
-    Args:
-      model: the classifier. params: the task's fine-tuned variables. x: its inputs (n, 64).
-      include_head: also return the head's Gram (merges here exclude the head).
-
-    Returns:
-      ``{"['params']['backbone']['dense0']['kernel']": G (d_in, d_in), ...}``.
-    """
-    captured: dict[tuple[str, ...], jax.Array] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            captured[tuple(context.module.path)] = args[0]
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        model.apply(params, jnp.asarray(x))
-    grams = {}
-    for path, a in captured.items():
-        if path[-1] == "head" and not include_head:
-            continue
-        a = a.reshape(-1, a.shape[-1]).astype(jnp.float32)
-        key = jax.tree_util.keystr(
-            tuple(jax.tree_util.DictKey(k) for k in ("params", *path, "kernel"))
-        )
-        grams[key] = a.T @ a / a.shape[0]
-    return grams
 
 
 # ---------------------------------------------------------------------------------------------
