@@ -39,9 +39,10 @@ def _xent(logits, y):
 
 
 def _dense_columns(op, params):
+    """The dense matrix of a linear map on pytrees, one jitted vmap over the basis vectors."""
     flat, unravel = ravel_pytree(params)
-    cols = [ravel_pytree(op(unravel(e)))[0] for e in jnp.eye(flat.size, dtype=flat.dtype)]
-    return jnp.stack(cols, axis=1)
+    column = lambda e: ravel_pytree(op(unravel(e)))[0]
+    return jax.jit(jax.vmap(column, out_axes=1))(jnp.eye(flat.size, dtype=flat.dtype))
 
 
 class HvpTest(chex.TestCase):
@@ -102,7 +103,7 @@ def test_fisher_vp_sequence_is_sum_over_tokens():
     np.testing.assert_allclose(got, dense, rtol=RTOL, atol=1e-12)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(d_in=st.integers(1, 4), hidden=st.integers(1, 5), out=st.integers(2, 4), n=st.integers(1, 5))
 def test_hvp_shapes_vary(d_in, hidden, out, n):
     m, params, x = _model(seed=d_in + hidden, d_in=d_in, hidden=hidden, out=out, n=n)
