@@ -160,7 +160,6 @@ class LayerInfo:
     view: tuple[str, ...]
     foldable: bool
     location: tuple[int, ...] = dataclasses.field(repr=False, default=())
-    _prim: Any = dataclasses.field(repr=False, default=None, compare=False)
     _view: _View | None = dataclasses.field(repr=False, default=None, compare=False)
 
     @property
@@ -349,7 +348,6 @@ class LayerGraph:
                     view=vw.names,
                     foldable=bool(foldable and alone and not vw.expanding),
                     location=c.location,
-                    _prim=eqn.primitive,
                     _view=vw,
                 )
             )

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -47,8 +46,7 @@ KINDS = ("exact", "sampled", "empirical")
 # gradients of the leaves that need them, captured activations); about 256 MiB in float32.
 _CHUNK_BUDGET = 2**26
 
-_warned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_warned_strong: set = set()
+_warned: set[tuple[Callable, str]] = set()
 
 
 def fisher_diag(
@@ -187,20 +185,15 @@ def _num_examples(inputs: Any) -> int:
 
 
 def _warn_unmatched(logits_fn: Callable, path: str, primitive: str) -> None:
-    try:
-        seen = _warned.setdefault(logits_fn, set())
-    except TypeError:  # not weak-referenceable
-        seen = _warned_strong
-        path_key = (id(logits_fn), path)
-    else:
-        path_key = path
-    if path_key in seen:
+    # Keyed by the function itself (like jit's cache of static arguments, which also keeps it
+    # alive): a bound method such as `model.apply` is a new object per access but compares equal.
+    if (logits_fn, path) in _warned:
         return
-    seen.add(path_key)
+    _warned.add((logits_fn, path))
     warnings.warn(
         f"fisher_diag: params{path} is used by `{primitive}`, which the fast path does not "
         "match; that leaf falls back to per-example gradients (exact, slower).",
-        stacklevel=4,
+        stacklevel=2,
     )
 
 
@@ -219,7 +212,11 @@ def _cotangents(kind: str, logits: jax.Array, label: Any, key: Any, keep: Any) -
         cols = jnp.eye(t, dtype=work)[:, None, :, None] * base[:, :, None, :]
         cols = cols.reshape(t * k, *tshape, k)
     else:
-        y = label if kind == "empirical" else jax.random.categorical(key, logp, axis=-1)
+        if kind == "empirical":
+            y = label
+        else:  # Gumbel-max; noise drawn flat: XLA:CPU compiles rank-1 random bits much faster
+            noise = jax.random.gumbel(key, (logp.size,), work).reshape(logp.shape)
+            y = jnp.argmax(logp + noise, axis=-1)
         cols = jax.nn.one_hot(y, k, dtype=work) - p
     cols = jnp.where(keep, cols, 0)
     return lax.stop_gradient(cols.astype(logits.dtype))
@@ -228,6 +225,8 @@ def _cotangents(kind: str, logits: jax.Array, label: Any, key: Any, keep: Any) -
 def _sum0(x: jax.Array) -> jax.Array:
     """``jnp.sum(x, axis=0)`` by pairwise halving: XLA:CPU reduces a leading axis of a large
     per-example array an order of magnitude slower than it adds two halves elementwise."""
+    if math.prod(x.shape[1:]) < 2**16:
+        return jnp.sum(x, axis=0)
     while x.shape[0] > 1:
         h = x.shape[0] // 2
         head = x[:h] + x[h : 2 * h]
@@ -396,7 +395,7 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
 
         sums, _ = lax.scan(body, zeros, xs)
     result = [(sums[i] / n).astype(acc[i]) for i in range(len(leaves))]
-    finite = lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])  # noqa: E731
+    finite = lambda xs: jnp.array([jnp.all(jnp.isfinite(x)) for x in xs], bool)  # noqa: E731
     return jax.tree_util.tree_unflatten(treedef, result), finite(leaves), finite(result)
 
 
