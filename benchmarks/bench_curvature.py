@@ -190,9 +190,7 @@ def _ops(m: dict, generic_n: int | None, max_exact_columns: int):
     ggn_j = jax.jit(functools.partial(ggn_vp, model_fn, out_loss))
 
     def fisher(kind, fast):
-        return jax.jit(
-            lambda p, xs, ys, k: fisher_diag(fn, p, xs, ys, kind=kind, key=k, fast=fast)
-        )
+        return jax.jit(lambda p, xs, ys, k: fisher_diag(fn, p, xs, ys, kind=kind, key=k, fast=fast))
 
     thunks, notes = {}, {}
     thunks["grad"] = lambda: grad(params, (x, y))
@@ -205,9 +203,7 @@ def _ops(m: dict, generic_n: int | None, max_exact_columns: int):
             continue
         f = fisher(kind, True)
         thunks[f"fisher fast {kind}"] = lambda f=f: f(params, x, y, key)
-    thunks["fisher fast empirical, eager"] = lambda: fisher_diag(
-        fn, params, x, y, kind="empirical"
-    )
+    thunks["fisher fast empirical, eager"] = lambda: fisher_diag(fn, params, x, y, kind="empirical")
     ng = m["n"] if generic_n is None else min(generic_n, m["n"])
     g = fisher("empirical", False)
     thunks["fisher generic empirical"] = lambda: g(params, x[:ng], y[:ng], key)
@@ -255,7 +251,9 @@ def report(results: list[dict]) -> tuple[str, list[str]]:
         for kind in ("empirical", "sampled"):
             ratio = t[f"fisher fast {kind}"] / tg
             ok = "PASS" if ratio <= lim else "MISS"
-            checks.append(f"{ok}  {name}: fisher fast {kind} = {ratio:.2f}x grad (target <= {lim:g})")
+            checks.append(
+                f"{ok}  {name}: fisher fast {kind} = {ratio:.2f}x grad (target <= {lim:g})"
+            )
         ratio = t["hvp"] / tg
         ok = "PASS" if ratio <= 2.5 else "MISS"
         checks.append(f"{ok}  {name}: hvp = {ratio:.2f}x grad (target <= 2.5)")
@@ -274,13 +272,22 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="CI sizes (seconds)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parser.add_argument(
-        "--generic-n", type=int, default=None,
+        "--generic-n",
+        type=int,
+        default=None,
         help="run the generic path on this many examples and scale its time to N",
     )
-    parser.add_argument("--max-exact-columns", type=int, default=4096,
-                        help="skip kind='exact' above this many backward columns per example")
-    parser.add_argument("--models", default="mlp,cnn,transformer",
-                        help="comma-separated subset of mlp,cnn,transformer")
+    parser.add_argument(
+        "--max-exact-columns",
+        type=int,
+        default=4096,
+        help="skip kind='exact' above this many backward columns per example",
+    )
+    parser.add_argument(
+        "--models",
+        default="mlp,cnn,transformer",
+        help="comma-separated subset of mlp,cnn,transformer",
+    )
     args = parser.parse_args(argv)
     names = [s.strip() for s in args.models.split(",") if s.strip()]
     unknown = set(names) - set(_TARGETS)
