@@ -197,8 +197,7 @@ def _ops(m: dict, generic_n: int | None, max_exact_columns: int):
     for kind in ("empirical", "sampled", "exact"):
         if kind == "exact" and m["cols"] > max_exact_columns:
             notes[f"fisher fast {kind}"] = (
-                f"skipped: T*K = {m['cols']} backward columns per example (> "
-                f"--max-exact-columns {max_exact_columns}); use kind='sampled'"
+                f"skipped: T*K = {m['cols']} columns/example > {max_exact_columns}; use sampled"
             )
             continue
         f = fisher(kind, True)
