@@ -234,20 +234,15 @@ def _sum0(x: jax.Array) -> jax.Array:
     return x[0]
 
 
-def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    n = _num_examples(inputs)
-    acc = [jnp.promote_types(jnp.result_type(x), jnp.float32) for x in leaves]
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
-    one_spec = lambda a: jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), jnp.result_type(a))  # noqa: E731
-    try:
-        probe = jax.eval_shape(
-            logits_fn,
-            jax.tree_util.tree_map(spec, params),
-            jax.tree_util.tree_map(one_spec, inputs),
-        )
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
-        raise ValueError(f"logits_fn(params, inputs[:1]) failed: {type(e).__name__}: {e}") from e
+def _check_logits(probe: Any, labels: Any, n: int) -> tuple[tuple[int, ...], int]:
+    """Validate the logits of one example (``probe``, a ShapeDtypeStruct of shape
+    (1, *token_axes, K)) and, if given, the labels (N, *token_axes) against them.
+
+    Shared by :func:`fisher_diag` and ``jmerge.curvature.gram.kfac_factors``.
+
+    Returns:
+      ``(token_shape, num_classes)``.
+    """
     if not isinstance(probe, jax.ShapeDtypeStruct):
         raise TypeError(
             f"logits_fn must return one array of logits (1, *token_axes, K); got {probe}."
@@ -269,6 +264,24 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
             )
         if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
             raise TypeError(f"labels must be integer class ids; got {jnp.result_type(labels)}.")
+    return token_shape, num_classes
+
+
+def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    n = _num_examples(inputs)
+    acc = [jnp.promote_types(jnp.result_type(x), jnp.float32) for x in leaves]
+    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
+    one_spec = lambda a: jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), jnp.result_type(a))  # noqa: E731
+    try:
+        probe = jax.eval_shape(
+            logits_fn,
+            jax.tree_util.tree_map(spec, params),
+            jax.tree_util.tree_map(one_spec, inputs),
+        )
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
+        raise ValueError(f"logits_fn(params, inputs[:1]) failed: {type(e).__name__}: {e}") from e
+    token_shape, num_classes = _check_logits(probe, labels, n)
     cols = num_classes * math.prod(token_shape) if kind == "exact" else 1
     logit_size = math.prod(probe.shape)
     f1 = per_example_fn(logits_fn, treedef)

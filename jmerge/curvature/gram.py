@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from jmerge.curvature._capture import LayerGraph, LayerInfo, capture, find_layers
-from jmerge.curvature.fisher import KINDS, _cotangents, _num_examples
+from jmerge.curvature.fisher import KINDS, _check_logits, _cotangents, _num_examples
 from jmerge.curvature.operators import KFAC, BlockGram
 
 __all__ = ["gram", "kfac_factors", "layer_report", "NORMALIZE", "TIED"]
@@ -464,26 +464,7 @@ def kfac_factors(
 def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied):
     n = _num_examples(inputs)
     probe = _probe(logits_fn, "logits_fn", params, inputs)
-    if not isinstance(probe, jax.ShapeDtypeStruct):
-        raise TypeError(
-            f"logits_fn must return one array of logits (1, *token_axes, K); got {probe}."
-        )
-    if len(probe.shape) < 2 or probe.shape[0] != 1:
-        raise ValueError(
-            "logits_fn(params, inputs[:1]) must return logits of shape (1, *token_axes, K) "
-            f"(the leading example axis kept); got shape {probe.shape}."
-        )
-    if not jnp.issubdtype(probe.dtype, jnp.floating):
-        raise TypeError(f"logits must be floating point; got dtype {probe.dtype}.")
-    token_shape = tuple(probe.shape[1:-1])
-    if labels is not None:
-        if tuple(jnp.shape(labels)) != (n, *token_shape):
-            raise ValueError(
-                f"labels must have shape (N, *token_axes) = {(n, *token_shape)} to match the "
-                f"logits {(n, *probe.shape[1:])}; got {tuple(jnp.shape(labels))}."
-            )
-        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-            raise TypeError(f"labels must be integer class ids; got {jnp.result_type(labels)}.")
+    _check_logits(probe, labels, n)
     graph = find_layers(logits_fn, params, inputs)
     dense = _select(graph, tied, "kfac_factors")
     if not dense:
