@@ -15,13 +15,16 @@ Layout conventions:
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 __all__ = [
     "TreeMismatchError",
@@ -35,6 +38,13 @@ __all__ = [
     "unstack",
     "leaf_mask",
     "path_strings",
+    "is_traced",
+    "compute_dtype",
+    "upcast",
+    "cast_like",
+    "axpy",
+    "require",
+    "runtime_check_finite",
 ]
 
 PyTree = Any
@@ -53,7 +63,12 @@ def path_strings(tree: PyTree) -> list[str]:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def _is_tracer(x: Any) -> bool:
+def is_traced(x: Any) -> bool:
+    """True if ``x`` is a tracer (an abstract value inside ``jit``/``vmap``/``grad``).
+
+    Arrays closed over by a jitted function are *not* traced: their values can be checked
+    eagerly (under :func:`jax.ensure_compile_time_eval`) even while an outer ``jit`` traces.
+    """
     return isinstance(x, jax.core.Tracer)
 
 
@@ -127,6 +142,94 @@ def check_same_shapes(
             )
 
 
+# ---------------------------------------------------------------------------------------------
+# Dtypes and the few tree operations optax.tree_utils does not have with these semantics
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype arithmetic runs in: float32 for bf16/fp16 (and ints), the dtype if wider."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def upcast(tree: PyTree) -> PyTree:
+    """Every leaf cast to :func:`compute_dtype` of its dtype (bf16 -> f32, f64 stays f64)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, compute_dtype(jnp.result_type(x))), tree)
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    """Every leaf of ``tree`` cast to the dtype of the matching leaf of ``like``."""
+    return jax.tree_util.tree_map(lambda x, r: jnp.asarray(x, jnp.result_type(r)), tree, like)
+
+
+def axpy(a: Any, x: PyTree, y: PyTree) -> PyTree:
+    """y + a·x per leaf, with the scalar ``a`` cast to each leaf of y's dtype.
+
+    Unlike ``optax.tree_utils.tree_add_scale`` the dtype of y is kept: a float32 (or float64)
+    scalar does not promote bf16 / float32 leaves.
+    """
+    return jax.tree_util.tree_map(lambda u, v: v + jnp.asarray(a, jnp.result_type(v)) * u, x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of values, eager where the values are known, at run time where they are traced
+
+
+def require(ok: Any, message: str) -> None:
+    """Raise ``ValueError(message)`` if the boolean ``ok`` is False.
+
+    ``ok`` may be computed from traced values (inside ``jax.jit``/``vmap``/``grad``); then it
+    cannot be read at trace time, and the check is staged instead: a
+    ``checkify.debug_check`` (an error when the caller runs under
+    ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``) and a
+    ``RuntimeWarning`` with ``message`` when the compiled program finds ``ok`` False.
+    Never a trace-time crash, never a silent wrong value.
+    """
+    if not is_traced(ok):
+        if not bool(np.all(np.asarray(jax.device_get(ok)))):
+            raise ValueError(message)
+        return
+    ok = jnp.all(ok)
+    checkify.debug_check(ok, message.replace("{", "{{").replace("}", "}}"))
+    jax.debug.callback(functools.partial(_warn_unless, message=message), ok)
+
+
+def _warn_unless(ok: Any, *, message: str) -> None:
+    if not bool(np.all(np.asarray(ok))):
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def runtime_check_finite(tree: PyTree, *, name: str) -> None:
+    """Stage a finiteness check of the (traced) ``tree``: one flag per leaf, one callback.
+
+    For results computed inside ``jit``: a NaN or Inf leaf is reported at run time with its
+    path (``RuntimeWarning``, and a ``checkify`` error under ``checkify.checkify``). Concrete
+    trees are checked eagerly with :func:`check_finite` instead.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    inexact = [(p, x) for p, x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not inexact:
+        return
+    if not any(is_traced(x) for _, x in inexact):
+        check_finite(tree, name=name)
+        return
+    paths = [jax.tree_util.keystr(p) for p, _ in inexact]
+    flags = jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in inexact])
+    checkify.debug_check(jnp.all(flags), f"{name} has NaN or Inf entries.")
+    jax.debug.callback(functools.partial(_warn_nonfinite, paths=paths, name=name), flags)
+
+
+def _warn_nonfinite(flags: Any, *, paths: list[str], name: str) -> None:
+    flags = np.asarray(flags).reshape(-1, len(paths)).all(axis=0)
+    bad = [p for p, ok in zip(paths, flags, strict=True) if not ok]
+    if bad:
+        warnings.warn(
+            f"{name} is not finite at {_short([name + p for p in bad])}: NaN or Inf entries "
+            "(computed inside jax.jit, where the inputs could not be checked beforehand).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 @jax.jit
 def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
     # One compiled program per tree signature, not one dispatch per leaf.
@@ -136,15 +239,20 @@ def _all_finite(leaves: list[jax.Array]) -> list[jax.Array]:
 def check_finite(tree: PyTree, *, name: str = "tree") -> None:
     """Raise :class:`NonFiniteError` naming the first leaf that holds NaN or Inf.
 
-    Leaves that are tracers (inside ``jax.jit``) cannot be inspected and are skipped; use
-    ``jax.experimental.checkify`` or the status flags that jmerge's solvers return there.
+    Concrete leaves are checked, also while an outer ``jax.jit`` traces (arrays it closes over
+    are known; the check runs under :func:`jax.ensure_compile_time_eval`). Tracers cannot be
+    inspected and are skipped: merges check their traced results with
+    :func:`runtime_check_finite`, and the solvers return status flags.
     """
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    concrete = [(p, x) for p, x in leaves if not _is_tracer(x)]
+    concrete = [(p, x) for p, x in leaves if not is_traced(x)]
     if not concrete:
         return
     inexact = [(p, x) for p, x in concrete if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    flags = jax.device_get(_all_finite([x for _, x in inexact]))
+    if not inexact:
+        return
+    with jax.ensure_compile_time_eval():
+        flags = jax.device_get(_all_finite([x for _, x in inexact]))
     for (path, x), ok in zip(inexact, flags, strict=True):
         if not bool(ok):
             xs = np.asarray(jax.device_get(x))

@@ -1,5 +1,23 @@
-"""Linear solvers over pytrees: :func:`cg`, preconditioned conjugate gradients."""
+"""Linear solvers over pytrees."""
 
-from jmerge.solvers.cg import CONVERGED, INDEFINITE, MAXITER, NONFINITE, CGResult, cg
+from jmerge.solvers.cg import (
+    CONVERGED,
+    INDEFINITE,
+    MAXITER,
+    NONFINITE,
+    STAGNATED,
+    STATUS_NAMES,
+    CGResult,
+    cg,
+)
 
-__all__ = ["cg", "CGResult", "CONVERGED", "MAXITER", "INDEFINITE", "NONFINITE"]
+__all__ = [
+    "cg",
+    "CGResult",
+    "CONVERGED",
+    "MAXITER",
+    "INDEFINITE",
+    "NONFINITE",
+    "STAGNATED",
+    "STATUS_NAMES",
+]

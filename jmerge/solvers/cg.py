@@ -10,7 +10,10 @@ Solves A x = b for a symmetric positive definite linear map A given only as a ma
     z_{k+1} = M r_{k+1},            β_k = (r_{k+1}ᵀ z_{k+1}) / (r_kᵀ z_k)
     p_{k+1} = z_{k+1} + β_k p_k
 
-and stops when ‖r_k‖ ≤ max(rtol·‖b‖, atol).
+and stops when the *true* residual ‖b − A x_k‖ ≤ max(rtol·‖b‖, atol): when the recurrence
+residual r_k says so, b − A x_k is computed and, if it is still above the tolerance, replaces
+r_k (residual replacement) and the iteration goes on; if that no longer shrinks it, the
+tolerance is beyond the dtype's precision and the solve stops with status ``STAGNATED``.
 
 Design points:
 
@@ -19,6 +22,11 @@ Design points:
   the only communication is one scalar all-reduce per inner product (``jnp.vdot``, used by
   ``jax.scipy.sparse.linalg.cg`` and optax's ``tree_vdot``, ravels the leaves instead, which
   reshards or fails under explicit sharding).
+* Scale invariance: the system is solved for s·b with s a power of two that brings max|b|
+  into [0.5, 1) (exact, no rounding), so cg(A, c·b) = c·cg(A, b) for every c for which c·b
+  is representable: squared norms never leave the dtype's range (in float32 ‖1e-20·1‖²
+  underflows to 0 and ‖1e20·1‖² overflows). The backward (transposed) solve is scaled the
+  same way, so cotangents of any size are handled too.
 * State (x, r, p) and inner products are accumulated in float32 for bf16/fp16 leaves (float64
   leaves stay float64); the mat-vec is always called with vectors of ``b``'s dtypes, and x is
   cast back to those dtypes at the end.
@@ -39,21 +47,46 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
-from jmerge.tree import check_same_shapes
+from jmerge.tree import axpy, cast_like, check_same_shapes, compute_dtype, upcast
 
-__all__ = ["cg", "CGResult", "CONVERGED", "MAXITER", "INDEFINITE", "NONFINITE"]
+__all__ = [
+    "cg",
+    "CGResult",
+    "CONVERGED",
+    "MAXITER",
+    "INDEFINITE",
+    "NONFINITE",
+    "STAGNATED",
+    "STATUS_NAMES",
+]
 
 PyTree = Any
 
 CONVERGED = 0
-"""Status: ‖b − A x‖ ≤ max(rtol·‖b‖, atol) by the CG recurrence."""
+"""Status: the true residual of the returned x meets ‖b − A x‖ ≤ max(rtol·‖b‖, atol)."""
 MAXITER = 1
-"""Status: ``maxiter`` steps taken without reaching the tolerance."""
+"""Status: ``maxiter`` steps taken and the true residual is above the tolerance."""
 INDEFINITE = 2
 """Status: breakdown, pᵀ A p ≤ 0 (A not positive definite along p) or rᵀ M r ≤ 0 (M not PD)."""
 NONFINITE = 3
-"""Status: breakdown, a NaN or Inf appeared in pᵀ A p, α or ‖r‖."""
+"""Status: breakdown, a NaN or Inf appeared in pᵀ A p, α, ‖r‖ or the true residual."""
+STAGNATED = 4
+"""Status: precision limit. The CG recurrence residual met the tolerance but the true residual
+did not, and replacing the recurrence residual by the true one no longer reduced it: the
+tolerance is below what the dtype can resolve for this system (roughly rtol < ε·κ(A))."""
+STATUS_NAMES = {
+    CONVERGED: "converged",
+    MAXITER: "maxiter",
+    INDEFINITE: "indefinite",
+    NONFINITE: "nonfinite",
+    STAGNATED: "stagnated",
+}
+"""Status code -> short name, for messages."""
+
 _RUNNING = -1
+_CHECK = -2  # internal: the recurrence residual says "done"; the true residual decides
+# A residual replacement must shrink the true residual norm by this factor, else STAGNATED.
+_PROGRESS = 0.5
 
 
 class CGResult(NamedTuple):
@@ -63,13 +96,15 @@ class CGResult(NamedTuple):
       x: the solution, a pytree shaped and typed like ``b``. On breakdown it is the last
         iterate before the failing step (never NaN unless the inputs were).
       num_steps: int32, the number of CG updates applied to x (0 for an exact warm start).
-      residual_norm: the *true* residual ‖b − A x‖₂ of the returned x, recomputed with one
-        extra mat-vec after the loop (the CG recurrence residual drifts from it in low
-        precision). A float32/float64 scalar.
-      converged: bool, ``status == CONVERGED``.
+      residual_norm: the *true* residual ‖b − A x‖₂ of the returned x (computed from x with
+        one mat-vec, not taken from the CG recurrence, which drifts from it in low
+        precision). A float32 (float64 for float64 b) scalar.
+      converged: bool, ``status == CONVERGED``: exactly when ``residual_norm`` ≤
+        max(rtol·‖b‖, atol).
       status: int32, one of ``CONVERGED`` (0), ``MAXITER`` (1), ``INDEFINITE`` (2: pᵀAp ≤ 0
         or an indefinite preconditioner), ``NONFINITE`` (3: NaN/Inf met; x is the last finite
-        iterate).
+        iterate), ``STAGNATED`` (4: the tolerance is beyond the dtype's precision for this
+        system; x is the best the iteration reached). ``STATUS_NAMES`` maps them to names.
     """
 
     x: PyTree
@@ -79,17 +114,8 @@ class CGResult(NamedTuple):
     status: jax.Array
 
 
-def _acc_dtype(dtype) -> np.dtype:
-    """Accumulation dtype of a leaf: float32 for bf16/fp16/f32, float64 for float64."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _to_acc(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: x.astype(_acc_dtype(x.dtype)), tree)
-
-
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, y: x.astype(jnp.result_type(y)), tree, like)
+    return upcast(tree)
 
 
 def _tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
@@ -100,15 +126,27 @@ def _tree_vdot(x: PyTree, y: PyTree) -> jax.Array:
     """
 
     def leaf(a, b):
-        dt = _acc_dtype(jnp.result_type(a, b))
+        dt = compute_dtype(jnp.result_type(a, b))
         return jnp.sum(a.astype(dt) * b.astype(dt), dtype=dt)
 
     return jax.tree.reduce(operator.add, jax.tree.map(leaf, x, y))
 
 
-def _axpy(alpha: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    """y + α x per leaf, with α cast to each leaf's dtype (no float64 promotion of f32 leaves)."""
-    return jax.tree.map(lambda a, b: b + alpha.astype(b.dtype) * a, x, y)
+def _tree_max_abs(tree: PyTree) -> jax.Array:
+    """max_i |x_i| over all leaves (a scalar in the accumulation dtype)."""
+    return jax.tree.reduce(jnp.maximum, jax.tree.map(lambda x: jnp.max(jnp.abs(x)), tree))
+
+
+def _pow2_scale(b: PyTree) -> jax.Array:
+    """s = 2^−e with max|b| = m·2^e, m ∈ [0.5, 1): s·b has max|·| in [0.5, 1), exactly.
+
+    Multiplying by a power of two is exact (no rounding) and keeps every squared norm of the
+    iteration in range: ‖s b‖² ∈ [0.25, n]. s = 1 for b = 0 or a non-finite b.
+    """
+    m = _tree_max_abs(b)
+    _, e = jnp.frexp(m)
+    ok = jnp.isfinite(m) & (m > 0)
+    return jnp.where(ok, jnp.ldexp(jnp.ones_like(m), -e), jnp.ones_like(m))
 
 
 def _as_matvec(matvec: Any) -> Callable[[PyTree], PyTree]:
@@ -134,49 +172,60 @@ def _pcg_solve(
     """PCG for matvec(x) = rhs from x0 (zeros if None); returns (x, (steps, ‖rhs − A x‖, status)).
 
     ``matvec`` maps ``rhs``-typed pytrees to ``rhs``-typed pytrees; the iteration itself runs on
-    the accumulation dtypes.
+    the accumulation dtypes, on the system scaled by a power of two (:func:`_pow2_scale`), so
+    that it does not depend on the scale of rhs (1e-30 or 1e30 in float32 alike).
+
+    Two nested loops: the inner one is plain PCG until the recurrence residual meets the
+    tolerance (or maxiter, or a breakdown); the outer one computes the true residual b − A x
+    and stops (CONVERGED, MAXITER, breakdown, or STAGNATED when the last replacement did not
+    shrink the true residual) or replaces the recurrence residual by the true one and restarts
+    the inner loop (residual replacement; van der Vorst & Ye 2000, Sleijpen & van der Vorst
+    1996). Under ``vmap`` no branch is computed twice: the extra mat-vec is in the outer body.
     """
 
     def A(v):
-        return _to_acc(matvec(_cast_like(v, rhs)))
+        return _to_acc(matvec(cast_like(v, rhs)))
 
     def M(v):
-        return v if precond is None else _cast_like(precond(v), v)
+        return v if precond is None else cast_like(precond(v), v)
 
-    b = _to_acc(rhs)
+    b_raw = _to_acc(rhs)
+    scale = _pow2_scale(b_raw)
+    rdt = scale.dtype
+    b = jax.tree.map(lambda x: x * scale.astype(x.dtype), b_raw)
     bb = _tree_vdot(b, b)
-    rdt = bb.dtype
-    thr = jnp.maximum(rtol * jnp.sqrt(bb), jnp.asarray(atol, rdt))
+    thr = jnp.maximum(rtol * jnp.sqrt(bb), jnp.asarray(atol, rdt) * scale)
     thr2 = thr * thr
     if x0 is None:
         x = otu.tree_zeros_like(b)
         r = b
     else:
         # For b = 0 the solution of an SPD system is 0: do not iterate from x0 to a 0 tolerance.
-        x = otu.tree_where(bb > 0, _cast_like(x0, b), otu.tree_zeros_like(b))
+        x0s = jax.tree.map(lambda x, t: x * scale.astype(t.dtype), cast_like(x0, b), b)
+        x = otu.tree_where(bb > 0, x0s, otu.tree_zeros_like(b))
         r = otu.tree_sub(b, A(x))
     z = M(r)
-    rr = _tree_vdot(r, r)
+    rr = _tree_vdot(r, r)  # the true residual: r was computed from x
     rz = rr if precond is None else _tree_vdot(r, z)
-    status = jnp.select([rr <= thr2, maxiter <= 0], [CONVERGED, MAXITER], _RUNNING)
-    status = status.astype(jnp.int32)
-    init = (jnp.zeros((), jnp.int32), x, r, z, rz, status)
+    status = jnp.select(
+        [rr <= thr2, ~jnp.isfinite(rr), maxiter <= 0], [CONVERGED, NONFINITE, MAXITER], _RUNNING
+    ).astype(jnp.int32)
 
-    def cond(state):
+    def inner_cond(state):
         return state[-1] == _RUNNING
 
-    def body(state):
+    def inner_body(state):
         k, x, r, p, rz, _ = state
         ap = A(p)
         pap = _tree_vdot(p, ap)
         alpha = rz / pap
-        x1 = _axpy(alpha, p, x)
-        r1 = _axpy(-alpha, ap, r)
+        x1 = axpy(alpha, p, x)
+        r1 = axpy(-alpha, ap, r)
         rr1 = _tree_vdot(r1, r1)
         z1 = M(r1)
         rz1 = rr1 if precond is None else _tree_vdot(r1, z1)
         beta = rz1 / rz
-        p1 = _axpy(beta, p, z1)
+        p1 = axpy(beta, p, z1)
         bad_pap = ~jnp.isfinite(pap)
         indefinite = pap <= 0
         bad_step = ~(jnp.isfinite(alpha) & jnp.isfinite(rr1))
@@ -185,24 +234,51 @@ def _pcg_solve(
             (bad_pap, NONFINITE),
             (indefinite, INDEFINITE),
             (bad_step, NONFINITE),
-            (rr1 <= thr2, CONVERGED),
+            (rr1 <= thr2, _CHECK),
             (~jnp.isfinite(rz1), NONFINITE),
             (rz1 <= 0, INDEFINITE),
             (k + 1 >= maxiter, MAXITER),
         ]
         status = jnp.select([c for c, _ in outcomes], [s for _, s in outcomes], _RUNNING)
-        status = status.astype(jnp.int32)
         accept = ~(bad_pap | indefinite | bad_step)
-        # Only x is kept on a rejected step: the loop stops then, and r, p are not used again
-        # (the reported residual is recomputed from x), so they need no select pass.
+        # Only x is kept on a rejected step: the loop stops then, and r, p are replaced by the
+        # outer loop (the reported residual is recomputed from x), so they need no select pass.
         x = otu.tree_where(accept, x1, x)
-        return (k + accept.astype(jnp.int32), x, r1, p1, rz1, status)
+        return (k + accept.astype(jnp.int32), x, r1, p1, rz1, status.astype(jnp.int32))
 
-    k, x, _, _, _, status = jax.lax.while_loop(cond, body, init)
-    x_out = _cast_like(x, rhs)
-    res = otu.tree_sub(b, A(x_out))
-    res_norm = jnp.sqrt(_tree_vdot(res, res))
-    return x_out, (k, res_norm, status)
+    def outer_cond(state):
+        return state[-1] == _RUNNING
+
+    def outer_body(state):
+        k, x, r, p, rz, tt_last, _ = state
+        k, x, _, _, _, inner = jax.lax.while_loop(
+            inner_cond, inner_body, (k, x, r, p, rz, jnp.asarray(_RUNNING, jnp.int32))
+        )
+        res = otu.tree_sub(b, A(x))
+        tt = _tree_vdot(res, res)
+        stalled = tt > (_PROGRESS * _PROGRESS) * tt_last
+        status = jnp.select(
+            [
+                tt <= thr2,
+                ~jnp.isfinite(tt),
+                (inner == INDEFINITE) | (inner == NONFINITE),
+                inner == MAXITER,
+                stalled,
+                k >= maxiter,
+            ],
+            [CONVERGED, NONFINITE, inner, MAXITER, STAGNATED, MAXITER],
+            _RUNNING,
+        ).astype(jnp.int32)
+        # Residual replacement: restart the recurrence from the true residual.
+        z = M(res)
+        rz = tt if precond is None else _tree_vdot(res, z)
+        return (k, x, res, z, rz, tt, status)
+
+    init = (jnp.zeros((), jnp.int32), x, r, z, rz, rr, status)
+    k, x, _, _, _, tt, status = jax.lax.while_loop(outer_cond, outer_body, init)
+    inv = 1 / scale
+    x_out = cast_like(jax.tree.map(lambda v: v * inv.astype(v.dtype), x), rhs)
+    return x_out, (k, jnp.sqrt(tt) * inv, status)
 
 
 def cg(
@@ -217,15 +293,18 @@ def cg(
 ) -> CGResult:
     """Solve A x = b by preconditioned conjugate gradients, A symmetric positive definite.
 
-    Stops when ‖r_k‖₂ ≤ max(rtol·‖b‖₂, atol) (r_k from the CG recurrence), after ``maxiter``
-    steps, or on breakdown (pᵀAp ≤ 0, or a NaN/Inf), keeping the last good iterate. Runs as one
+    Returns ``converged`` exactly when the true residual of the returned x meets
+    ‖b − A x‖₂ ≤ max(rtol·‖b‖₂, atol). Stops then, after ``maxiter`` steps, on breakdown
+    (pᵀAp ≤ 0, or a NaN/Inf; the last good iterate is kept), or when the tolerance is below
+    what the dtype resolves (``STAGNATED``: residual replacement stopped shrinking the true
+    residual). Scale-invariant: cg(A, c·b) = c·cg(A, b) for every representable c·b. Runs as one
     ``lax.while_loop``; usable under ``jax.jit`` and ``jax.vmap``; keeps the sharding of b's
     leaves. Differentiable in b and in the arrays ``matvec`` closes over (or, for an operator,
     its array children) by implicit differentiation (``jax.lax.custom_linear_solve``):
     ∂x = A⁻¹(∂b − ∂A x). The warm start x0 and the preconditioner get no gradient.
 
     Mat-vec count: one per iteration, plus one for r_0 = b − A x0 when x0 is given, plus one
-    after the loop for the true ``residual_norm``.
+    for each true residual (once at the end; once more per residual replacement).
 
     Args:
       matvec: v ↦ A v on pytrees shaped like b, or a curvature operator (anything with
@@ -265,7 +344,7 @@ def cg(
     def matvec_b(v):
         out = mv(v)
         check_same_shapes(v, out, ref_name="v", name="matvec(v)", check_dtypes=False)
-        return _cast_like(out, v)
+        return cast_like(out, v)
 
     opts = dict(precond=precond, rtol=rtol, atol=atol, maxiter=int(maxiter))
     solve = lambda f, rhs: _pcg_solve(f, rhs, x0=x0, **opts)
