@@ -8,7 +8,12 @@ and, where no closed form exists, the matrix-free conjugate-gradient solver :fun
 from jmerge import curvature, merges, solvers, tree
 from jmerge.curvature import fisher_diag, fisher_vp, ggn_vp, hvp
 from jmerge.merges import (
+    SOLVER_CG,
+    SOLVER_CLOSED_FORM,
+    Absolute,
+    MergeInfo,
     MergeResult,
+    absolute,
     average,
     dare,
     dare_ties,
@@ -36,6 +41,11 @@ __all__ = [
     "cg",
     "CGResult",
     "MergeResult",
+    "Absolute",
+    "absolute",
+    "MergeInfo",
+    "SOLVER_CLOSED_FORM",
+    "SOLVER_CG",
     "average",
     "task_arithmetic",
     "negation",

@@ -6,6 +6,8 @@ Solves: :func:`mats` (MaTS, any curvature, CG) and :func:`gradient_matching` (Da
 """
 
 from jmerge.merges._common import MergeResult
+from jmerge.merges._scale import Absolute, absolute
+from jmerge.merges._solve import SOLVER_CG, SOLVER_CLOSED_FORM, SOLVER_NAMES, MergeInfo
 from jmerge.merges.basic import average, negation, task_arithmetic, task_vectors
 from jmerge.merges.closed_form import fisher_merge, regmean
 from jmerge.merges.gradient_matching import gradient_matching
@@ -14,6 +16,12 @@ from jmerge.merges.sparse import dare, dare_ties, ties
 
 __all__ = [
     "MergeResult",
+    "Absolute",
+    "absolute",
+    "MergeInfo",
+    "SOLVER_CLOSED_FORM",
+    "SOLVER_CG",
+    "SOLVER_NAMES",
     "average",
     "task_vectors",
     "task_arithmetic",

@@ -13,9 +13,34 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jmerge.tree import LeafFilter, as_stacked, leaf_mask
+from jmerge.tree import (
+    LeafFilter,
+    as_stacked,
+    cast_like,
+    compute_dtype,
+    is_traced,
+    leaf_mask,
+    require,
+    runtime_check_finite,
+    upcast,
+)
+
+__all__ = [
+    "MergeResult",
+    "Prepared",
+    "prepare",
+    "compute_dtype",
+    "upcast",
+    "cast_like",
+    "is_concrete",
+    "select",
+    "per_model",
+    "model_axis_weights",
+    "normalise",
+    "weighted_sum",
+    "check_result",
+]
 
 PyTree = Any
 
@@ -25,13 +50,12 @@ class MergeResult(NamedTuple):
 
     Attributes:
       params: the merged pytree, shaped and typed like the pretrained model.
-      info: a dict of scalars. Where a CG solve ran: ``num_steps``, ``residual_norm``,
-        ``converged``, ``status`` (see :class:`jmerge.CGResult`); merges may add more
-        (e.g. ``objective``).
+      info: a :class:`jmerge.MergeInfo` (solver, status, converged, num_steps, residual_norm,
+        objective, objective_init); the same fields on every path of every solver merge.
     """
 
     params: PyTree
-    info: dict
+    info: Any
 
 
 class Prepared(NamedTuple):
@@ -64,19 +88,13 @@ def prepare(
     return Prepared(stacked, t, leaf_mask(reference, include, exclude))
 
 
-def compute_dtype(dtype: Any) -> Any:
-    """The dtype merges compute in: float32 for bf16/fp16 (and ints), the dtype itself if wider."""
-    return jnp.promote_types(dtype, jnp.float32)
+def is_concrete(*trees: Any) -> bool:
+    """True when no leaf of ``trees`` is a tracer: their values can be checked now.
 
-
-def upcast(tree: PyTree) -> PyTree:
-    """Cast every leaf to :func:`compute_dtype` of its dtype."""
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, compute_dtype(jnp.result_type(x))), tree)
-
-
-def cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
-    return jax.tree_util.tree_map(lambda x, r: jnp.asarray(x, jnp.result_type(r)), tree, like)
+    Arrays closed over by an outer ``jax.jit`` are concrete; checks of them run under
+    :func:`jax.ensure_compile_time_eval` so that they stay concrete.
+    """
+    return not any(is_traced(x) for x in jax.tree_util.tree_leaves(trees))
 
 
 def select(mask: PyTree, merged: PyTree, fallback: PyTree) -> PyTree:
@@ -100,20 +118,57 @@ def per_model(value: Any, num_models: int, name: str) -> jax.Array:
 
 
 def model_axis_weights(weights: Any, num_models: int, name: str = "weights") -> jax.Array:
-    """Per-model weights of shape (T,), defaulting to 1/T; non-zero sum checked eagerly.
+    """Per-model weights of shape (T,), defaulting to 1/T, whose sum must not be zero.
 
     The default is float64 when x64 is enabled (float32 otherwise), so that float64 models are
     not merged with a float32-rounded 1/T.
+
+    Concrete weights (also ones closed over by an outer ``jax.jit``) are checked now: a zero
+    sum is a ``ValueError``, and the returned array is concrete. Traced weights are checked at
+    run time with :func:`jmerge.tree.require` (a ``RuntimeWarning``, and a ``checkify`` error
+    under ``checkify.checkify(..., errors=checkify.user_checks)``); :func:`normalise` then
+    returns NaN weights, so the merged leaves are NaN rather than silently wrong.
     """
-    if weights is None:
-        return jnp.full((num_models,), 1.0 / num_models, jnp.result_type(float))
+    if is_concrete(weights):
+        with jax.ensure_compile_time_eval():
+            if weights is None:
+                return jnp.full((num_models,), 1.0 / num_models, jnp.result_type(float))
+            w = per_model(weights, num_models, name)
+            total = float(jax.device_get(jnp.sum(w)))
+        if total == 0.0:
+            raise ValueError(f"{name} sum to zero; a weighted merge needs a non-zero total weight.")
+        return w
     w = per_model(weights, num_models, name)
-    if not isinstance(w, jax.core.Tracer) and float(np.sum(np.asarray(w))) == 0.0:
-        raise ValueError(f"{name} sum to zero; a weighted merge needs a non-zero total weight.")
+    require(
+        jnp.sum(w) != 0,
+        f"{name} sum to zero; a weighted merge needs a non-zero total weight (found at run "
+        "time, inside jax.jit/vmap/grad: the merged leaves are NaN).",
+    )
     return w
+
+
+def normalise(w: jax.Array) -> jax.Array:
+    """w / Σ_t w_t; all NaN when Σ_t w_t = 0 (so a zero total, which
+    :func:`model_axis_weights` reports, gives NaN merged leaves, not ±Inf or a mix)."""
+    total = jnp.sum(w)
+    nonzero = total != 0
+    return jnp.where(nonzero, w / jnp.where(nonzero, total, 1), jnp.nan)
 
 
 def weighted_sum(stacked_leaf: jax.Array, w: jax.Array) -> jax.Array:
     """Σ_t w_t x_t over the leading model axis, in the compute dtype."""
     x = stacked_leaf.astype(compute_dtype(stacked_leaf.dtype))
     return jnp.tensordot(w.astype(x.dtype), x, axes=1)
+
+
+def check_result(result: PyTree, name: str, *inputs: Any) -> PyTree:
+    """``result``, with a run-time finiteness check staged when any of ``inputs`` is traced.
+
+    Concrete inputs were validated (finite) before the merge; traced ones could not be, so
+    a NaN or Inf in the result is reported when the compiled program runs
+    (:func:`jmerge.tree.runtime_check_finite`: a ``RuntimeWarning`` naming the leaf path, and
+    a ``checkify`` error under ``checkify.checkify``). Costs one reduction over the result.
+    """
+    if not is_concrete(*inputs):
+        runtime_check_finite(result, name=f"{name} result")
+    return result

@@ -9,7 +9,8 @@ approximations of each task's loss around its fine-tuned model, the merged model
     θ = θ0 + H̄⁻¹ Σ_t α_t (H0 + H_t)(θ_t − θ0),      H̄ = H0 + Σ_t α_t H_t,
 
 with H0 the curvature of the pretraining objective / prior at θ0 and H_t the curvature of
-task t's loss at θ_t. It is DESIGN.md eq. (1) in task-vector coordinates Δ_t = θ_t − θ0.
+task t's loss at θ_t. It is DESIGN.md eq. (1) in task-vector coordinates Δ_t = θ_t − θ0, and
+is solved on the path shared with MaTS (:mod:`jmerge.merges._solve`).
 """
 
 from __future__ import annotations
@@ -20,69 +21,51 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax.tree_utils as otu
 
-from jmerge.curvature.operators import (
-    CurvatureOperator,
-    Diagonal,
-    Identity,
-    MatrixFree,
-    Scaled,
-    Sum,
-)
-from jmerge.merges._common import MergeResult, cast_like, prepare, select, upcast
-from jmerge.merges.mats import (
+from jmerge.curvature.operators import CurvatureOperator, Identity, Scaled, Sum, as_operator
+from jmerge.merges._common import MergeResult, prepare, weighted_sum
+from jmerge.merges._scale import Absolute, is_static_zero, resolve
+from jmerge.merges._solve import (
     Curvatures,
-    _cast_out,
-    _cg_info,
-    _check_diagonal,
-    _check_per_model_nonnegative,
-    _check_preconditioner,
-    _check_scalar_nonnegative,
-    _is_scalar,
-    _masked,
-    _per_model,
-    _read_curvatures,
-    _solve_from,
-    _stacked_index,
-    _Tag,
-    _tree_axpy,
-    _unflatten_mask,
-    _upcast_op,
+    check_nonnegative,
+    check_preconditioner,
+    curvature_scale,
+    finish,
+    make_info,
+    masked,
+    per_model,
+    quadratic,
+    read_curvatures,
+    solve,
+    stacked_index,
+    unflatten_mask,
+    upcast_op,
+    weighted_sum_op,
 )
-from jmerge.tree import LeafFilter
+from jmerge.tree import LeafFilter, axpy, cast_like, upcast
 
 __all__ = ["gradient_matching"]
 
 PyTree = Any
 
 
-def _read_prior(reference: PyTree, prior: Any) -> CurvatureOperator | None:
-    """H0 as an operator, or None for H0 = 0.
+def _read_prior(reference: PyTree, prior: Any) -> tuple[str, Any]:
+    """``(kind, value)`` of the prior H0, read by the one curvature rule (``as_operator``).
 
-    A scalar δ (Python number or 0-d array, possibly traced) is δ·I; a curvature object is
-    used as is; another pytree is a diagonal shaped like the params.
+    ``("none", None)`` for a concrete 0; ``("relative", δ)`` for a scalar δ (H0 = δ·s·I);
+    ``("absolute", δ)`` for ``absolute(δ)`` (H0 = δ I); ``("operator", op)`` for a curvature
+    operator or a diagonal pytree (a curvature: it scales with the task curvatures).
     """
-    if prior is None:
-        return None
-    if isinstance(prior, CurvatureOperator):
-        if isinstance(prior, Diagonal):
-            _check_diagonal(reference, prior.tree, "prior")
-            return prior
-        return prior
-    if hasattr(prior, "mv"):
-        return MatrixFree(prior.mv)
-    if _is_scalar(prior):
-        _check_scalar_nonnegative(prior, "prior")
-        if isinstance(prior, (int, float)) and prior == 0:
-            return None
-        return Identity(prior)
-    _check_diagonal(reference, prior, "prior")
-    return Diagonal(prior)
-
-
-def _is_diagonal(op: CurvatureOperator | None) -> bool:
-    return op is None or isinstance(op, (Diagonal, Identity))
+    if is_static_zero(prior):
+        return "none", None
+    if isinstance(prior, Absolute):
+        check_nonnegative(prior.value, "prior")
+        return "absolute", prior.value
+    explicit = isinstance(prior, CurvatureOperator)
+    op = as_operator(prior, like=reference, name="prior")
+    if isinstance(op, Identity) and not explicit:
+        return "relative", op.scale
+    return "operator", op
 
 
 def gradient_matching(
@@ -91,7 +74,7 @@ def gradient_matching(
     curvatures: Curvatures,
     *,
     alpha: float | Sequence[float] | jax.Array = 1.0,
-    prior: float | jax.Array | PyTree | CurvatureOperator = 0.0,
+    prior: float | jax.Array | Absolute | PyTree | CurvatureOperator = 0.0,
     dataset_sizes: float | Sequence[float] | jax.Array | None = None,
     maxiter: int = 100,
     rtol: float = 1e-6,
@@ -111,144 +94,160 @@ def gradient_matching(
       examples task t was fine-tuned on, so that H_t = N_t · F_t is the Hessian of the *summed*
       task loss, as in the paper. With ``dataset_sizes=None``, H_t = curvatures[t] as given.
     * ``prior`` is H0, the curvature of the objective that produced θ0 / of the fine-tuning
-      regulariser: a float δ for an isotropic Gaussian prior (weight decay), H0 = δ I (what we
-      assume when the pretraining data's curvature is unavailable), or a pytree (diagonal;
-      e.g. N_0 · the pretrained model's mean Fisher, scaled by the caller), or a curvature
-      operator. ``prior=0`` (default) gives H0 = 0.
+      regulariser: a scalar δ for an isotropic Gaussian prior (weight decay), *relative* by
+      default: H0 = δ · s · I with s = mean diag(Σ_t |α_t| H_t) over the merged entries
+      (so the merge does not change when every curvature is multiplied by one c > 0);
+      ``jmerge.absolute(δ)`` for H0 = δ I in the curvature's units; a pytree (a diagonal,
+      e.g. N_0 · the pretrained model's mean Fisher) or a curvature operator, used as given
+      (it is a curvature, and scales with the others). ``prior=0`` (default): H0 = 0.
     * ``alpha`` is α_t, the weight of task t's loss in the target multitask objective
       ℓ_0 + Σ_t α_t ℓ_t (task arithmetic's scale), a scalar or one per model. α_t < 0
       (task negation) may make H̄ indefinite; CG then reports ``status`` INDEFINITE.
+
+    Excluded leaves (``include``/``exclude``) are per task, as in :func:`jmerge.mats`: with
+    P the projection on the merged leaves, task t's curvature enters as P (H0 + H_t) P (its
+    excluded block held at θ_t's values), so the merged block is
+
+        θ_S = θ0_S + H̄_SS⁻¹ Σ_t α_t (H0 + H_t)_SS (θ_t − θ0)_S,
+
+    and a one-model merge (α = 1) returns that model's shared parameters. The returned
+    excluded leaves are ``pretrained``'s.
 
     Special cases: H_t = 0 (all t) with H0 = δ I, δ > 0, is task arithmetic θ0 + Σ_t α_t Δ_t;
     H0 = 0 and H_t = I is θ0 + Σ_t α_t Δ_t / Σ_t α_t (task arithmetic only when Σ_t α_t = 1);
     H0 = 0 and α_t = 1 is the minimiser of Σ_t ½ (θ−θ_t)ᵀ H_t (θ−θ_t), which for exact
     Hessians of quadratic task losses is the joint multitask optimum.
 
-    Computation. Write Δ_t = θ_t − θ0, τ = Σ_t α_t Δ_t (task arithmetic), H'_t = N_t F_t.
+    Computation. Write Δ_t = θ_t − θ0, τ = P Σ_t α_t Δ_t (task arithmetic), H'_t = N_t F_t.
     Since H̄ τ = H0 τ + Σ_t α_t H'_t τ, the merge is θ = θ0 + τ + y with
 
-        H̄ y = Σ_t α_t H'_t (Δ_t − τ)                                            (*)
+        P H̄ P y = P Σ_t α_t H'_t P (Δ_t − τ)                                    (*)
 
-    (the prior only pulls towards task arithmetic).
+    (the prior only pulls towards task arithmetic). (*) is solved elementwise when every
+    curvature and the prior are diagonal (``info.solver == SOLVER_CLOSED_FORM``; where h̄ = 0 no
+    prior and no task curvature acts on the entry and it keeps task arithmetic), otherwise by
+    ``jmerge.cg`` from y = 0 (Jacobi-preconditioned where every diagonal is known);
+    directions in the null space of H̄ keep task arithmetic.
 
-    * When every curvature and the prior are diagonal (pytrees, ``Diagonal``, scalars): y is
-      elementwise, no solve; ``info = {"solver": "closed_form", "num_fallback": n}``. Where
-      h̄ = h0 + Σ_t α_t h'_t = 0 (no prior and no task curvature on that entry) the merge
-      falls back to task arithmetic (y = 0 there); n counts those entries.
-    * Otherwise (*) is solved by CG on the matrix-free H̄ = H0 + Σ_t (α_t N_t) C_t from y = 0,
-      i.e. starting from task arithmetic (Jacobi-preconditioned where every diagonal is known);
-      directions in the null space of H̄ keep task arithmetic, consistent with the diagonal
-      fallback. ``info = {"solver": "cg", "num_steps", "residual_norm", "converged",
-      "status"}``.
+    ``info.objective`` is the gradient-matching surrogate whose stationary point is θ,
 
-    ``info["solver"]`` is a static string (it survives ``jax.jit``).
+        J(θ) = ½ Σ_t α_t (θ − θ_t)ᵀ P (H0 + H'_t) P (θ − θ_t)
+               − ½ (Σ_t α_t − 1) (θ − θ0)ᵀ P H0 P (θ − θ0)
+
+    (∇J = 0 is exactly H̄ (θ − θ0) = Σ_t α_t (H0 + H'_t) Δ_t), at θ and, in
+    ``objective_init``, at task arithmetic.
 
     Args:
       pretrained: θ0 (bf16/fp16 computed in float32 and cast back).
       finetuned: θ_1..θ_T, a list of pytrees or a stacked pytree (leading model axis).
-      curvatures: F_1..F_T as in :func:`jmerge.merges.mats.mats`: a list of curvature objects
-        / diagonal pytrees / scalars, or a stacked pytree of diagonals.
-      alpha: α_t, scalar or one per model.
-      prior: H0: a float δ (δ I), a diagonal pytree, or a curvature operator.
-      dataset_sizes: N_t > 0, scalar or one per model; None means 1.
-      maxiter, rtol, preconditioner: CG settings (operator path only); ``maxiter`` static;
-        ``rtol`` is relative to the initial residual ‖P Σ_t α_t H'_t (Δ_t − τ)‖.
-      include, exclude: leaf filters; excluded leaves come back from ``pretrained`` and the
-        merged leaves solve the merged block of the system with the excluded ones at θ0.
+      curvatures: F_1..F_T as in :func:`jmerge.mats`: a list of curvature arguments (read by
+        ``jmerge.curvature.as_operator``) or a stacked pytree of diagonals.
+      alpha: α_t, scalar or one per model; may be traced.
+      prior: H0, see above; may be traced.
+      dataset_sizes: N_t ≥ 0, scalar or one per model; None means 1.
+      maxiter, rtol, preconditioner: solve settings; ``maxiter`` static (0 returns task
+        arithmetic); ``rtol`` is relative to ‖P Σ_t α_t H'_t P (Δ_t − τ)‖, and
+        ``info.converged`` is True exactly when the true residual of (*) at the returned θ
+        meets it.
+      include, exclude: leaf filters; see above.
 
     Returns:
-      ``MergeResult(params, info)``, params shaped and typed like ``pretrained``.
+      ``MergeResult(params, info)``, params shaped and typed like ``pretrained``, info a
+      :class:`jmerge.MergeInfo`.
+
+    Raises:
+      TreeMismatchError, NonFiniteError, ValueError: as :func:`jmerge.mats` (shapes, non-finite
+      values, negative curvature diagonals, dataset sizes or prior, an unknown
+      preconditioner), naming the argument and the leaf path.
     """
     prep = prepare(pretrained, finetuned, include=include, exclude=exclude)
     num_models = prep.num_models
-    ops = _read_curvatures(pretrained, curvatures, num_models)
-    h0 = _read_prior(pretrained, prior)
-    a = _per_model(alpha, num_models, "alpha")
-    n = _per_model(1.0 if dataset_sizes is None else dataset_sizes, num_models, "dataset_sizes")
-    _check_per_model_nonnegative(n, "dataset_sizes")
-    _check_preconditioner(preconditioner)
+    ops = read_curvatures(pretrained, curvatures, num_models)
+    prior_kind, prior_value = _read_prior(pretrained, prior)
+    a = per_model(alpha, num_models, "alpha")
+    n = per_model(1.0 if dataset_sizes is None else dataset_sizes, num_models, "dataset_sizes")
+    check_nonnegative(n, "dataset_sizes")
+    check_preconditioner(preconditioner)
     return _gm_kernel(
         pretrained,
         prep.stacked,
         ops,
-        h0,
+        prior_value,
         a,
         n,
         rtol,
+        prior_kind=prior_kind,
         maxiter=int(maxiter),
         preconditioner=preconditioner,
         mask_leaves=tuple(jax.tree_util.tree_leaves(prep.mask)),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("maxiter", "preconditioner", "mask_leaves"))
+@functools.partial(
+    jax.jit, static_argnames=("prior_kind", "maxiter", "preconditioner", "mask_leaves")
+)
 def _gm_kernel(
     pretrained: PyTree,
     stacked: PyTree,
     ops: list[CurvatureOperator],
-    h0: CurvatureOperator | None,
+    prior_value: Any,
     a: jax.Array,
     n: jax.Array,
     rtol: Any,
     *,
+    prior_kind: str,
     maxiter: int,
     preconditioner: str | None,
     mask_leaves: tuple[bool, ...],
 ) -> MergeResult:
-    num_models = len(ops)
-    mask = _unflatten_mask(pretrained, mask_leaves)
-    ops = [_upcast_op(op) for op in ops]
-    h0 = None if h0 is None else _upcast_op(h0)
-    scale = a * n  # the weight of C_t in H̄
+    mask = unflatten_mask(pretrained, mask_leaves)
+    ops = [upcast_op(op) for op in ops]
     theta0 = upcast(pretrained)
-    deltas = jax.tree_util.tree_map(lambda s, p: s - p[None], upcast(stacked), theta0)
-    tau = jax.tree_util.tree_map(lambda d: jnp.tensordot(a.astype(d.dtype), d, axes=1), deltas)
-    # Excluded leaves stay at θ0 (x_E = 0): start from the masked task arithmetic P τ and solve
-    # the merged block H̄_II y_I = [Σ_t α_t (H0 + H'_t) Δ_t − H̄ P τ]_I, whose right-hand side is
-    # P [Σ_t α_t H'_t (Δ_t − P τ) + H0 (I − P) τ] (the last term vanishes without exclusions).
-    tau_m = _masked(mask, tau)
-    resid = [otu.tree_sub(_stacked_index(deltas, t), tau_m) for t in range(num_models)]
+    stacked = upcast(stacked)
+    ct = jnp.result_type(*jax.tree_util.tree_leaves(theta0))
+    a, n = a.astype(ct), n.astype(ct)
+    h = [Scaled(op, n[t]) for t, op in enumerate(ops)]  # H'_t = N_t F_t
 
-    if all(_is_diagonal(op) for op in ops) and _is_diagonal(h0):
-        diags = [upcast(op.diag(like=theta0)) for op in ops]
-        d0 = None if h0 is None else upcast(h0.diag(like=theta0))
+    h0: CurvatureOperator | None = None
+    if prior_kind == "relative":
+        s = curvature_scale(ops, a * n, theta0, mask)
+        h0 = Identity(resolve(prior_value, s, ct))
+    elif prior_kind == "absolute":
+        h0 = Identity(resolve(Absolute(prior_value), None, ct))
+    elif prior_kind == "operator":
+        h0 = upcast_op(prior_value)
 
-        def leaf(p, tau_l, *args):
-            ds, gs = args[:num_models], args[num_models : 2 * num_models]
-            h_bar = jnp.zeros_like(p) if d0 is None else args[-1].astype(p.dtype)
-            num = jnp.zeros_like(p)
-            for t in range(num_models):
-                s = scale[t].astype(p.dtype)
-                h_bar = h_bar + s * ds[t].astype(p.dtype)
-                num = num + s * ds[t].astype(p.dtype) * gs[t]
-            ok = h_bar != 0
-            y = jnp.where(ok, num / jnp.where(ok, h_bar, 1), 0)
-            return p + tau_l + y, jnp.sum(~ok, dtype=jnp.int32)
+    tau = masked(
+        mask, jax.tree_util.tree_map(lambda s, p: weighted_sum(s - p[None], a), stacked, theta0)
+    )
+    theta_ta = jax.tree_util.tree_map(jnp.add, theta0, tau)
+    h_bar = weighted_sum_op(ops, a * n)
+    if h0 is not None:
+        h_bar = Sum([h0, h_bar])
+    # rhs = Σ_t α_t H'_t P (Δ_t − τ) = Σ_t α_t H'_t P (θ_t − θ_TA)
+    rhs = jax.tree_util.tree_map(jnp.zeros_like, theta0)
+    for t in range(len(ops)):
+        d = masked(mask, jax.tree_util.tree_map(jnp.subtract, stacked_index(stacked, t), theta_ta))
+        rhs = axpy(a[t], cast_like(h[t].mv(d), d), rhs)
 
-        extra = [] if d0 is None else [d0]
-        out = jax.tree_util.tree_map(leaf, theta0, tau_m, *diags, *resid, *extra)
-        theta = jax.tree_util.tree_map(lambda _, o: o[0], theta0, out)
-        fallbacks = jax.tree_util.tree_map(lambda _, o: o[1], theta0, out)
-        counted = select(mask, fallbacks, jax.tree_util.tree_map(jnp.zeros_like, fallbacks))
-        info = {
-            "solver": _Tag("closed_form"),
-            "num_fallback": sum(jax.tree_util.tree_leaves(counted), jnp.zeros((), jnp.int32)),
-        }
-    else:
-        parts = [] if h0 is None else [h0]
-        parts += [Scaled(op, scale[t]) for t, op in enumerate(ops)]
-        h_bar_op = Sum(parts)
-        rhs = otu.tree_zeros_like(theta0)
-        for t, op in enumerate(ops):
-            rhs = _tree_axpy(scale[t], _cast_out(op.mv(resid[t]), resid[t]), rhs)
-        if h0 is not None and not all(jax.tree_util.tree_leaves(mask)):
-            tau_e = otu.tree_sub(tau, tau_m)
-            rhs = otu.tree_add(rhs, _cast_out(h0.mv(tau_e), tau_e))
-        res = _solve_from(
-            h_bar_op, rhs, mask, theta0, maxiter=maxiter, rtol=rtol, preconditioner=preconditioner
-        )
-        theta = otu.tree_add(otu.tree_add(theta0, tau_m), _masked(mask, res.x))
-        info = {"solver": _Tag("cg"), **_cg_info(res)}
+    theta, stats = solve(
+        h_bar,
+        rhs,
+        mask,
+        theta_ta,
+        pretrained,
+        maxiter=maxiter,
+        rtol=rtol,
+        preconditioner=preconditioner,
+    )
 
-    params = select(mask, cast_like(theta, pretrained), pretrained)
-    return MergeResult(params, info)
+    def term(t):
+        k = h[t] if h0 is None else Sum([h0, h[t]])
+        return (Scaled(k, a[t]), stacked_index(stacked, t))
+
+    terms = [term(t) for t in range(len(ops))]
+    if h0 is not None:
+        terms.append((Scaled(h0, 1 - jnp.sum(a)), theta0))
+    objective_init = quadratic(terms, theta_ta, mask)
+    objective = objective_init if maxiter == 0 else quadratic(terms, theta, mask)
+    return MergeResult(finish(mask, theta, pretrained), make_info(stats, objective, objective_init))

@@ -1,7 +1,9 @@
 """mats: argument forms, weights and damping, objective, leaf filters, dtypes, inits, errors.
 
-The exactness of the solve against dense references is in test_exactness.py. Problems here
-are small diagonal ones with closed-form answers, so that each test compiles little.
+The exactness of the solve against dense references is in test_exactness.py, the numerics
+(scale, conditioning, tracing, per-task exclusion, anchors) in test_solve_numerics.py.
+Problems here are small diagonal ones with closed-form answers, so that each test compiles
+little.
 """
 
 import chex
@@ -10,46 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmerge.curvature.operators import Diagonal, MatrixFree
-from jmerge.merges.mats import mats
-from jmerge.solvers.cg import CONVERGED, MAXITER
+from jmerge import absolute, mats
+from jmerge.curvature import Diagonal, MatrixFree
+from jmerge.solvers import CONVERGED, MAXITER
 from jmerge.tree import NonFiniteError, TreeMismatchError
-
-
-def _problem(seed=0, num_models=2, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    shapes = {"a": (3,), "c": (2, 3)}
-    pre = {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in shapes.items()}
-    ft = [
-        {k: jnp.asarray(rng.normal(size=s), dtype) for k, s in shapes.items()}
-        for _ in range(num_models)
-    ]
-    fish = [
-        {k: jnp.asarray(rng.uniform(0.2, 2.0, size=s)) for k, s in shapes.items()}
-        for _ in range(num_models)
-    ]
-    return pre, ft, fish
-
-
-def _diag_merge(pre, ft, fish, w, damping=0.0):
-    """(Σ_t w_t d_t θ_t + δ θ0) / (Σ_t w_t d_t + δ), leafwise in numpy."""
-    out = {}
-    for k in pre:
-        num = sum(
-            wt * np.asarray(f[k]) * np.asarray(t[k]) for wt, f, t in zip(w, fish, ft, strict=True)
-        )
-        den = sum(wt * np.asarray(f[k]) for wt, f in zip(w, fish, strict=True))
-        out[k] = (num + damping * np.asarray(pre[k])) / (den + damping)
-    return out
-
-
-def _objective(theta, pre, ft, fish, w, damping=0.0):
-    total = 0.0
-    for k in pre:
-        for wt, f, t in zip(w, fish, ft, strict=True):
-            total += wt * np.sum(np.asarray(f[k]) * (np.asarray(theta[k]) - np.asarray(t[k])) ** 2)
-        total += damping * np.sum((np.asarray(theta[k]) - np.asarray(pre[k])) ** 2)
-    return 0.5 * total
+from tests.helpers import diag_merge as _diag_merge
+from tests.helpers import diag_objective as _objective
+from tests.helpers import problem as _problem
 
 
 def test_curvature_forms_agree_and_equal_closed_form():
@@ -83,14 +52,18 @@ def test_weight_scale_and_damping():
     scaled = mats(pre, ft, fish, weights=10 * w, rtol=1e-12).params
     chex.assert_trees_all_close(scaled, base, rtol=1e-10)
     # ... with damping δ only δ relative to it does; δ pulls towards θ0.
-    res = mats(pre, ft, fish, weights=w, damping=0.7, rtol=1e-12)
+    res = mats(pre, ft, fish, weights=w, damping=absolute(0.7), rtol=1e-12)
     want = _diag_merge(pre, ft, fish, w, damping=0.7)
     chex.assert_trees_all_close(res.params, want, rtol=1e-10)
-    res10 = mats(pre, ft, fish, weights=10 * w, damping=7.0, rtol=1e-12)
+    res10 = mats(pre, ft, fish, weights=10 * w, damping=absolute(7.0), rtol=1e-12)
     chex.assert_trees_all_close(res10.params, want, rtol=1e-10)
     np.testing.assert_allclose(
         res.info["objective"], _objective(want, pre, ft, fish, w, damping=0.7), rtol=1e-10
     )
+    # A relative damping is δ = damping · mean diag(Σ_t w_t F_t): the same merge.
+    s = np.mean(np.concatenate([np.ravel(sum(wt * f[k] for wt, f in zip(w, fish))) for k in pre]))
+    rel = mats(pre, ft, fish, weights=w, damping=0.7 / s, rtol=1e-12)
+    chex.assert_trees_all_close(rel.params, want, rtol=1e-10)
 
 
 def test_scalar_and_default_weights():
@@ -107,7 +80,7 @@ def _lin_mv(v, xa, xc):
 
 
 @pytest.mark.parametrize("filters", [dict(exclude=r"\['c'\]"), dict(include="a")])
-def test_excluded_leaves_are_pretrained_and_held_fixed(filters):
+def test_excluded_leaves_are_pretrained_and_held_per_task(filters):
     rng = np.random.default_rng(3)
     pre, ft, _ = _problem(seed=3)
     xs = [(rng.normal(size=(10, 3)), rng.normal(size=(10, 6))) for _ in ft]
@@ -115,14 +88,9 @@ def test_excluded_leaves_are_pretrained_and_held_fixed(filters):
     res = mats(pre, ft, ops, init="average", maxiter=50, rtol=1e-12, **filters)
     assert bool(res.info["converged"])
     np.testing.assert_array_equal(res.params["c"], pre["c"])
-    # a minimises Σ_t ‖X_a (a − a_t) + X_c (c0 − c_t)‖² with c held at c0.
+    # a minimises Σ_t ‖X_a (a − a_t)‖²: in task t's quadratic c is held at c_t.
     xa = np.concatenate([x[0] for x in xs])
-    y = np.concatenate(
-        [
-            x[0] @ np.asarray(t["a"]) + x[1] @ (np.asarray(t["c"]) - np.asarray(pre["c"])).ravel()
-            for x, t in zip(xs, ft, strict=True)
-        ]
-    )
+    y = np.concatenate([x[0] @ np.asarray(t["a"]) for x, t in zip(xs, ft, strict=True)])
     want = np.linalg.lstsq(xa, y, rcond=None)[0]
     np.testing.assert_allclose(res.params["a"], want, rtol=1e-8)
 
@@ -146,7 +114,7 @@ def test_inits_at_maxiter_zero():
     assert int(res.info["num_steps"]) == 0 and not bool(res.info["converged"])
     assert int(res.info["status"]) == MAXITER
     # init="fisher" is the exact (damped) diagonal solution: nothing left to do.
-    res = mats(pre, ft, fish, weights=w, damping=0.3, init="fisher", maxiter=0)
+    res = mats(pre, ft, fish, weights=w, damping=absolute(0.3), init="fisher", maxiter=0)
     chex.assert_trees_all_close(res.params, _diag_merge(pre, ft, fish, w, 0.3), rtol=1e-12)
     assert float(res.info["residual_norm"]) < 1e-12
     # A pytree init; an excluded leaf still comes from pretrained.
@@ -189,7 +157,7 @@ def test_bad_arguments():
         mats(pre, ft, fish, weights=0.0)
     with pytest.raises(ValueError, match=r"weights must be a scalar or have one entry per model"):
         mats(pre, ft, fish, weights=[1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match=r"damping must be a finite non-negative scalar"):
+    with pytest.raises(ValueError, match=r"damping must be finite and non-negative"):
         mats(pre, ft, fish, damping=-1.0)
     with pytest.raises(ValueError, match=r"Unknown init 'mean'"):
         mats(pre, ft, fish, init="mean")
