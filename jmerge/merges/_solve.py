@@ -130,15 +130,18 @@ def per_model(value: Any, num_models: int, name: str) -> jax.Array:
 def check_nonnegative(value: Any, name: str, *, not_all_zero: bool = False) -> None:
     """Finite and ≥ 0 (a scalar or per-model array): an error now if concrete, staged
     (``jmerge.tree.require``) if traced."""
-    v = jnp.asarray(value)
-    require(
-        jnp.all(jnp.isfinite(v) & (v >= 0)),
-        f"{name} must be finite and non-negative"
-        + ("" if is_traced(value) else f", got {np.asarray(jax.device_get(v)).tolist()}")
-        + ".",
-    )
+    if not is_traced(value):
+        v = np.asarray(jax.device_get(value), np.float64)
+        if not np.all(np.isfinite(v) & (v >= 0)):
+            raise ValueError(f"{name} must be finite and non-negative, got {v.tolist()}.")
+        if not_all_zero and not np.any(v > 0):
+            raise ValueError(f"{name} are all zero; at least one model needs a positive weight.")
+        return
+    require(jnp.all(jnp.isfinite(value) & (value >= 0)), f"{name} must be finite and non-negative.")
     if not_all_zero:
-        require(jnp.any(v > 0), f"{name} are all zero; at least one model needs a positive weight.")
+        require(
+            jnp.any(value > 0), f"{name} are all zero; at least one model needs a positive weight."
+        )
 
 
 def check_preconditioner(preconditioner: Any) -> None:
