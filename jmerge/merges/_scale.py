@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,7 +47,9 @@ def is_static_zero(value: Any) -> bool:
     """True when ``value`` (relative or :class:`Absolute`) is a concrete 0: the term is
     dropped at trace time and its scale need not be computed."""
     v = value.value if isinstance(value, Absolute) else value
-    if is_traced(v) or np.ndim(v) != 0:
+    if isinstance(v, bool) or is_traced(v):
+        return False
+    if not isinstance(v, (int, float, np.generic, np.ndarray, jax.Array)) or np.ndim(v) != 0:
         return False
     return float(np.asarray(v)) == 0.0
 

@@ -16,7 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from jmerge.curvature.operators import (
+from jmerge import (
+    SOLVER_CG,
+    SOLVER_CLOSED_FORM,
+    absolute,
+    average,
+    fisher_merge,
+    gradient_matching,
+    mats,
+    regmean,
+    task_arithmetic,
+)
+from jmerge.curvature import (
     KFAC,
     BlockGram,
     MatrixFree,
@@ -24,10 +35,6 @@ from jmerge.curvature.operators import (
     ggn_operator,
     hessian_operator,
 )
-from jmerge.merges.basic import average, task_arithmetic
-from jmerge.merges.closed_form import fisher_merge, regmean
-from jmerge.merges.gradient_matching import gradient_matching
-from jmerge.merges.mats import mats
 from jmerge.tree import TreeMismatchError
 
 RTOL = 1e-5
@@ -127,7 +134,7 @@ def test_gradient_matching_no_prior_equals_joint_least_squares():
     res = gradient_matching(
         tasks.pretrained, tasks.finetuned, tasks.operators(), prior=0.0, **SOLVE
     )
-    assert res.info["solver"] == "cg"
+    assert int(res.info.solver) == SOLVER_CG
     assert bool(res.info["converged"])
     _assert_rel(_flat(res.params), tasks.joint_optimum())
 
@@ -147,7 +154,7 @@ def test_gradient_matching_with_prior_equals_paper_formula(prior_kind):
     alpha = np.array([0.5, 0.8, 0.3])
     sizes = np.array([2.0, 1.0, 3.0])
     if prior_kind == "scalar":
-        prior, h0 = 0.7, 0.7 * np.eye(d)
+        prior, h0 = absolute(0.7), 0.7 * np.eye(d)
     else:
         diag0 = rng.uniform(0.1, 2.0, size=d)
         h0 = np.diag(diag0)
@@ -196,11 +203,11 @@ def test_gradient_matching_diagonal_closed_form_equals_formula(
     alpha = rng.uniform(0.2, 1.0, size=num_models)
     prior = {
         "zero": 0.0,
-        "scalar": 0.3,
+        "scalar": absolute(0.3),
         "pytree": jax.tree_util.tree_map(lambda x: jnp.asarray(rng.uniform(0, 1, x.shape)), pre),
     }[prior_kind]
     res = gradient_matching(pre, ft, fish, alpha=alpha, prior=prior)
-    assert res.info["solver"] == "closed_form"
+    assert int(res.info.solver) == SOLVER_CLOSED_FORM
     flat = lambda t: ravel_pytree(t)[0]
     h0 = (
         np.zeros(flat(pre).size)
@@ -317,12 +324,12 @@ def test_gradient_matching_identity_curvature_is_task_arithmetic():
     alpha = np.array([0.4, 0.9, 0.6])
     got = gradient_matching(pre, ft, [ones] * 3, alpha=alpha, prior=0.0).params
     chex.assert_trees_all_close(got, task_arithmetic(pre, ft, alpha / alpha.sum()), rtol=1e-12)
-    got = gradient_matching(pre, ft, [zeros] * 3, alpha=alpha, prior=0.5).params
+    got = gradient_matching(pre, ft, [zeros] * 3, alpha=alpha, prior=absolute(0.5)).params
     chex.assert_trees_all_close(got, task_arithmetic(pre, ft, alpha), rtol=1e-12)
     # The same through the CG path (identity as a matrix-free operator).
     eye = [MatrixFree(lambda v: v)] * 3
     res = gradient_matching(pre, ft, eye, alpha=alpha / alpha.sum(), rtol=1e-12)
-    assert res.info["solver"] == "cg"
+    assert int(res.info.solver) == SOLVER_CG
     chex.assert_trees_all_close(
         res.params, task_arithmetic(pre, ft, alpha / alpha.sum()), rtol=1e-9
     )
@@ -384,7 +391,7 @@ def test_null_space_diagonal_keeps_init():
     np.testing.assert_array_equal(
         np.asarray(gm.params["a"])[zero == 0], np.asarray(ta["a"])[zero == 0]
     )
-    assert int(gm.info["num_fallback"]) == 2
+    assert bool(gm.info.converged)
 
 
 @pytest.mark.parametrize("init", ["task_arithmetic", "average", "pretrained", "fisher", "pytree"])
@@ -419,10 +426,10 @@ class JitTest(chex.TestCase):
         eager = fn(*args)
         jitted = self.variant(fn)(*args)
         chex.assert_trees_all_close(jitted.params, eager.params, rtol=1e-10, atol=1e-12)
-        assert set(jitted.info) == set(eager.info)
-        for k in eager.info:
-            if k == "solver":
-                assert jitted.info[k] == eager.info[k]
+        assert type(jitted.info) is type(eager.info)
+        for k in eager.info._fields:
+            if k in ("solver", "status", "converged", "num_steps"):
+                assert int(jitted.info[k]) == int(eager.info[k]), k
             else:
                 np.testing.assert_allclose(jitted.info[k], eager.info[k], rtol=1e-8, atol=1e-12)
 
@@ -492,7 +499,7 @@ def test_flax_mlp_end_to_end_fisher_and_ggn():
     gm = gradient_matching(
         pre, ft, ggn, alpha=0.5, prior=1e-2, dataset_sizes=16, maxiter=500, rtol=1e-10
     )
-    assert gm.info["solver"] == "cg" and bool(gm.info["converged"])
+    assert int(gm.info.solver) == SOLVER_CG and bool(gm.info["converged"])
     chex.assert_trees_all_equal_shapes_and_dtypes(gm.params, pre)
 
 

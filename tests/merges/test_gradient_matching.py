@@ -111,7 +111,7 @@ def test_bad_arguments():
     pre, ft, fish = _problem(seed=5)
     with pytest.raises(ValueError, match=r"alpha must be a scalar or have one entry per model"):
         gradient_matching(pre, ft, fish, alpha=[1.0, 2.0])
-    with pytest.raises(ValueError, match=r"prior must be finite and non-negative"):
+    with pytest.raises(ValueError, match=r"prior must be a finite non-negative"):
         gradient_matching(pre, ft, fish, prior=-1.0)
     neg = {"a": -jnp.ones(4), "c": jnp.ones((2, 3))}
     with pytest.raises(ValueError, match=r"prior\['a'\] has 4 negative"):
