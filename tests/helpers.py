@@ -53,9 +53,7 @@ def unravel(vec: np.ndarray, like) -> dict:
 
 def leaf_selector(like, keys) -> np.ndarray:
     """Boolean vector over ``ravel(like)``: True on the entries of the leaves in ``keys``."""
-    return np.concatenate(
-        [np.full(int(np.size(like[k])), k in keys) for k in sorted(like)]
-    )
+    return np.concatenate([np.full(int(np.size(like[k])), k in keys) for k in sorted(like)])
 
 
 def diag_merge(pre, ft, fish, w, damping=0.0, anchor=None):
