@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from jmerge.examples import digits
@@ -138,6 +137,7 @@ def _methods(
     MaTS with a matrix-free Fisher from either initialisation, the initialisation being
     computed inside the thunk).
     """
+    from jmerge.merges._scale import absolute
     from jmerge.merges.basic import average, task_arithmetic
     from jmerge.merges.closed_form import fisher_merge, regmean
     from jmerge.merges.gradient_matching import gradient_matching
@@ -159,10 +159,12 @@ def _methods(
     regmean_j = jax.jit(lambda p, f, g: regmean(f, g, pretrained=p, exclude=HEAD))
     mats_j = jax.jit(lambda p, f, c, init, d: mats(p, f, c, init=init, damping=d, **cg))
     gm_j = jax.jit(
-        lambda p, f, c: gradient_matching(p, f, c, alpha=1.0, prior=1.0, dataset_sizes=sizes, **cg)
+        lambda p, f, c: gradient_matching(
+            p, f, c, alpha=1.0, prior=absolute(1.0), dataset_sizes=sizes, **cg
+        )
     )
     ops = curv.fisher_ops_diag
-    delta = MF_DAMPING * _mean_backbone_diag(curv.fisher_exact)
+    delta = MF_DAMPING  # relative: δ = MF_DAMPING · mean diag(Σ_t F_t) over the backbone
     return [
         ("average", lambda: avg_j(p0, ft)),
         *[(f"task_arith(a={a})", lambda a=a: ta_j(p0, ft, a)) for a in TA_ALPHAS],
@@ -180,13 +182,6 @@ def _methods(
         ("gradmatch(diag)", lambda: gm_j(p0, ft, curv.fisher_exact)),
         ("gradmatch(mf)", lambda: gm_j(p0, ft, ops)),
     ]
-
-
-def _mean_backbone_diag(fishers: Sequence[PyTree]) -> float:
-    """Mean over the backbone's entries of Σ_t diag F_t (the scale of the merged curvature)."""
-    leaves = jax.tree.leaves([f["params"]["backbone"] for f in fishers])
-    total = sum(float(np.sum(np.asarray(x))) for x in leaves)
-    return total * len(fishers) / sum(x.size for x in leaves)
 
 
 def _info_note(result: Any) -> str:
