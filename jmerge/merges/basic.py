@@ -11,8 +11,15 @@ accepts the fine-tuned models as a list of pytrees or as one stacked pytree (lea
 axis T), computes in at least float32 and casts each merged leaf back to the dtype of the
 reference model. ``include``/``exclude`` (a regex searched in the ``jax.tree_util.keystr`` path,
 or a predicate ``f(path, leaf) -> bool``) keep leaves out of the merge; those leaves are returned
-unchanged from the reference model (e.g. per-task classifier heads). All functions are pure and
-``jax.jit``-compatible (``include``/``exclude`` static).
+unchanged from the reference model (e.g. per-task classifier heads).
+
+All functions are pure and run inside ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (``include`` /
+``exclude`` static), with the models and hyperparameters passed as arguments or closed over.
+Concrete values (also arrays closed over by an outer ``jit``) are checked when the function is
+called (a ``ValueError`` / :class:`jmerge.tree.NonFiniteError` naming ``finetuned[i]`` and the
+leaf path); traced ones at run time: a zero total weight, or a NaN or Inf in a merge's result,
+gives a ``RuntimeWarning`` (naming the leaf path) and a ``jax.experimental.checkify`` error
+under ``checkify.checkify(f, errors=checkify.user_checks)``.
 """
 
 from __future__ import annotations
@@ -22,19 +29,18 @@ from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jmerge.merges._common import (
-    compute_dtype,
+    check_result,
     model_axis_weights,
+    normalise,
     per_model,
     prepare,
     select,
-    upcast,
     weighted_sum,
 )
-from jmerge.tree import LeafFilter, TreeMismatchError, as_stacked
+from jmerge.tree import LeafFilter, TreeMismatchError, as_stacked, compute_dtype, upcast
 
 __all__ = ["average", "task_vectors", "task_arithmetic", "negation"]
 
@@ -64,7 +70,8 @@ def _reference(finetuned: Models, pretrained: PyTree | None) -> tuple[PyTree, st
 
 
 def _weights(weights: Any, num_models: int) -> jax.Array:
-    """Unnormalised per-model weights (T,), ones by default; the kernels divide by Σ_t w_t.
+    """Unnormalised per-model weights (T,), ones by default; the kernels divide by Σ_t w_t
+    (:func:`normalise`). A zero sum is an error, or a run-time warning and NaN when traced.
 
     Ones rather than ``model_axis_weights``' float32 1/T default keep float64 merges exact.
     """
@@ -102,7 +109,7 @@ def task_vectors(pretrained: chex.ArrayTree, finetuned: Models) -> chex.ArrayTre
 
 @jax.jit
 def _average_kernel(stacked: PyTree, w: jax.Array) -> PyTree:
-    wn = w / jnp.sum(w)
+    wn = normalise(w)
     return jax.tree_util.tree_map(lambda x: weighted_sum(x, wn).astype(x.dtype), stacked)
 
 
@@ -118,8 +125,10 @@ def average(
 
     Args:
       finetuned: θ_1..θ_T: a list of pytrees, or one stacked pytree with leaves ``(T, *s)``.
-      weights: ``None`` (uniform), a scalar, or a length-T array w; normalised by Σ_t w_t,
-        which must not be zero.
+      weights: ``None`` (uniform), a scalar, or a length-T array w (may be traced); normalised
+        by Σ_t w_t, which must not be zero: a ``ValueError`` when w is concrete; when it is
+        traced, a run-time ``RuntimeWarning`` (a ``checkify`` error under
+        ``checkify.checkify``) and NaN merged leaves.
       pretrained: optional reference model: shapes and dtypes are checked against it and the
         excluded leaves are taken from it. Without it the reference is ``finetuned[0]``.
       include, exclude: leaf filter (regex over ``keystr`` paths, or ``f(path, leaf) -> bool``);
@@ -129,12 +138,17 @@ def average(
     Returns:
       A pytree shaped and typed like the reference model (bf16/fp16 leaves are averaged in
       float32 and cast back).
+
+    Raises:
+      TreeMismatchError: a model's structure, shapes or dtypes differ from the reference.
+      NonFiniteError: a concrete model has NaN or Inf entries.
+      ValueError: concrete weights sum to zero, or have the wrong shape.
     """
     ref, ref_name = _reference(finetuned, pretrained)
     prep = prepare(ref, finetuned, include=include, exclude=exclude, ref_name=ref_name)
     w = _weights(weights, prep.num_models)
-    merged = _average_kernel(_keep(prep.mask, prep.stacked), w)
-    return select(prep.mask, merged, ref)
+    merged = select(prep.mask, _average_kernel(_keep(prep.mask, prep.stacked), w), ref)
+    return check_result(merged, "average", finetuned, weights, pretrained)
 
 
 @jax.jit
@@ -169,13 +183,24 @@ def task_arithmetic(
 
     Returns:
       A pytree shaped and typed like ``pretrained`` (computed in at least float32).
+
+    Raises:
+      TreeMismatchError: a model's structure, shapes or dtypes differ from ``pretrained``.
+      NonFiniteError: a concrete model has NaN or Inf entries (traced ones: a run-time
+        ``RuntimeWarning`` naming the result's non-finite leaves).
+      ValueError: ``alpha`` is neither a scalar nor of length T.
     """
+    return _task_arithmetic(pretrained, finetuned, alpha, 1.0, include, exclude, "task_arithmetic")
+
+
+def _task_arithmetic(pretrained, finetuned, alpha, sign, include, exclude, name):
     prep = prepare(pretrained, finetuned, include=include, exclude=exclude)
-    a = per_model(alpha, prep.num_models, "alpha")
+    a = sign * per_model(alpha, prep.num_models, "alpha")
     merged = _task_arithmetic_kernel(
         _keep(prep.mask, pretrained), _keep(prep.mask, prep.stacked), a
     )
-    return select(prep.mask, merged, pretrained)
+    merged = select(prep.mask, merged, pretrained)
+    return check_result(merged, name, pretrained, finetuned, alpha)
 
 
 def negation(
@@ -191,5 +216,4 @@ def negation(
     Ilharco et al. 2023, §3 ("forgetting via negation"): subtracting a task vector lowers
     performance on that task while leaving control tasks mostly intact.
     """
-    a = -jnp.asarray(alpha)
-    return task_arithmetic(pretrained, finetuned, a, include=include, exclude=exclude)
+    return _task_arithmetic(pretrained, finetuned, alpha, -1.0, include, exclude, "negation")

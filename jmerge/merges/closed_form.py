@@ -11,13 +11,24 @@ Inputs are validated once (a missing, extra or differently shaped leaf names the
 ``finetuned[i]`` / ``fishers[i]`` / ``grams[i]``); computation is in at least float32; merged
 leaves are cast back to the reference dtype. ``include``/``exclude`` keep leaves out of the
 merge (see :mod:`jmerge.merges.basic`): they are returned from ``pretrained``, or from
-``finetuned[0]`` when ``pretrained`` is None. Both merges are ``jax.jit``-compatible
-(``include``/``exclude`` static); the non-negativity and finiteness checks of the curvatures
-run only on concrete (non-traced) inputs.
+``finetuned[0]`` when ``pretrained`` is None.
+
+Both merges are invariant to the curvatures' overall scale (every F_t or G_t multiplied by one
+c > 0): their cut-off ``eps`` and ridge are relative to the mean curvature unless given as
+:func:`jmerge.absolute`, and the curvatures are rescaled by a power of two of that mean
+before any product is formed, so that float32 neither underflows nor overflows for c from
+1e-20 to 1e20. Both run inside ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (``include`` /
+``exclude`` static), with arrays passed as arguments or closed over. Concrete inputs (also
+arrays closed over by an outer ``jit``) are checked when the merge is called (finite,
+non-negative Fishers and weights, a non-zero total weight); traced ones at run time, as a
+``RuntimeWarning`` and a ``jax.experimental.checkify`` error under
+``checkify.checkify(f, errors=checkify.user_checks)``, and a NaN or Inf in the result of a
+traced merge is reported the same way with its leaf path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,57 +38,140 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge.merges._common import compute_dtype, prepare, select, weighted_sum
+from jmerge.merges._common import check_result, normalise, prepare, select, weighted_sum
+from jmerge.merges._scale import Absolute, resolve
 from jmerge.merges.basic import Models, _keep, _reference, _weights
-from jmerge.tree import LeafFilter, TreeMismatchError, as_stacked
+from jmerge.tree import LeafFilter, TreeMismatchError, as_stacked, compute_dtype, is_traced, require
 
 __all__ = ["fisher_merge", "regmean"]
 
 PyTree = Any
 
 
-def _check_nonnegative(stacked: PyTree, name: str) -> None:
-    """Raise naming ``name[i]<path>`` if a concrete stacked leaf has a negative entry."""
-    leaves = jax.tree_util.tree_leaves(stacked)
-    if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        return
-    mins = jax.device_get(
-        jax.tree_util.tree_map(
-            lambda f: jnp.min(f.reshape(f.shape[0], -1), axis=1, initial=0), stacked
+@functools.partial(jax.jit, static_argnames="stacked")
+def _mins(leaves: list[jax.Array], stacked: bool) -> list[jax.Array]:
+    """The minimum of every leaf (0 if larger or empty); per model (T,) for stacked leaves."""
+    if stacked:
+        return [jnp.min(x.reshape(x.shape[0], -1), axis=1, initial=0) for x in leaves]
+    return [jnp.min(x, initial=0) for x in leaves]
+
+
+def _check_nonnegative(curvatures: Any, ref: PyTree, name: str) -> None:
+    """Every entry of ``curvatures`` (a list of T pytrees or one stacked pytree) must be ≥ 0.
+
+    Concrete leaves (also ones closed over by an outer ``jit``) are checked now, with an error
+    naming ``name[i]<path>``; traced leaves at run time (:func:`jmerge.tree.require`).
+    """
+    listed = isinstance(curvatures, (list, tuple)) and jax.tree_util.tree_structure(
+        curvatures
+    ) != jax.tree_util.tree_structure(ref)
+    traced = []
+    for j, model in enumerate(curvatures if listed else [curvatures]):
+        items = jax.tree_util.tree_leaves_with_path(model)
+        traced += [x for _, x in items if is_traced(x)]
+        concrete = [(p, x) for p, x in items if not is_traced(x)]
+        if not concrete:
+            continue
+        with jax.ensure_compile_time_eval():
+            mins = jax.device_get(_mins([x for _, x in concrete], stacked=not listed))
+        for (path, _), m in zip(concrete, mins, strict=True):
+            m = np.atleast_1d(np.asarray(m))
+            bad = np.flatnonzero(m < 0)
+            if bad.size:
+                i = j if listed else int(bad[0])
+                raise ValueError(
+                    f"{name}[{i}]{jax.tree_util.keystr(path)} has negative entries "
+                    f"(min {m[bad[0]]:.3g}); a Fisher is non-negative."
+                )
+    if traced:
+        require(
+            jnp.stack([jnp.min(x, initial=0) >= 0 for x in traced]),
+            f"{name} has negative entries (found at run time, inside jax.jit/vmap/grad); "
+            "a Fisher is non-negative.",
         )
-    )
-
-    def check(path, m):
-        bad = np.flatnonzero(np.asarray(m) < 0)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"{name}[{i}]{jax.tree_util.keystr(path)} has negative entries (min {m[i]:.3g}); "
-                "a Fisher is non-negative."
-            )
-
-    jax.tree_util.tree_map_with_path(check, mins)
 
 
 def _check_nonnegative_weights(w: jax.Array) -> None:
-    if not isinstance(w, jax.core.Tracer) and bool(np.any(np.asarray(w) < 0)):
-        raise ValueError(f"weights must be non-negative for a curvature-weighted merge; got {w}.")
+    """Weights of a curvature-weighted merge must be ≥ 0: eager if concrete, else at run time."""
+    if not is_traced(w):
+        if bool(np.any(np.asarray(jax.device_get(w)) < 0)):
+            raise ValueError(
+                f"weights must be non-negative for a curvature-weighted merge; got {w}."
+            )
+        return
+    require(
+        jnp.all(w >= 0),
+        "weights must be non-negative for a curvature-weighted merge (found at run time, "
+        "inside jax.jit/vmap/grad).",
+    )
+
+
+def _check_nonnegative_scalar(value: Any, name: str) -> None:
+    """A hyperparameter (relative, or :class:`Absolute`) must be ≥ 0."""
+    v = value.value if isinstance(value, Absolute) else value
+    if not is_traced(v):
+        if bool(np.any(np.asarray(jax.device_get(v)) < 0)):
+            raise ValueError(f"{name} must be non-negative; got {v}.")
+        return
+    require(jnp.all(v >= 0), f"{name} must be non-negative (found at run time, inside jax.jit).")
+
+
+def _pow2(k: jax.Array, dtype: Any) -> jax.Array:
+    """2**k as a ``dtype`` (float32/float64) scalar, exactly: built from the exponent bits."""
+    info = jnp.finfo(dtype)
+    itype = jnp.int32 if info.bits == 32 else jnp.int64
+    bits = (jnp.asarray(k, itype) + (info.maxexp - 1)) << info.nmant
+    return jax.lax.bitcast_convert_type(bits.astype(itype), dtype)
+
+
+def _exponent(scale: jax.Array) -> jax.Array:
+    """e with scale = m · 2**e, m in [0.5, 1), clipped to ±126 (0 for 0, Inf and NaN).
+
+    Multiplying a curvature by 2**-e is exact and brings its mean to [0.5, 1): products with
+    parameters then stay far from float32's overflow (3e38) and underflow (1e-38).
+    """
+    return jnp.clip(jnp.frexp(scale)[1], -126, 126)
 
 
 @jax.jit
-def _fisher_kernel(stacked: PyTree, fishers: PyTree, w: jax.Array, eps: jax.Array) -> PyTree:
-    wn = w / jnp.sum(w)
+def _fisher_kernel(stacked: PyTree, fishers: PyTree, w: jax.Array, eps: Any) -> PyTree:
+    wn = normalise(w)
+    xs, treedef = jax.tree_util.tree_flatten(stacked)
+    fs = treedef.flatten_up_to(fishers)
+    if not xs:
+        return stacked
+    cts = [
+        jnp.promote_types(compute_dtype(x.dtype), compute_dtype(f.dtype))
+        for x, f in zip(xs, fs, strict=True)
+    ]
+    # s: the mean of Σ_t w_t F_t over every merged entry (a weighted sum of per-leaf means,
+    # which cannot overflow where a sum of entries could).
+    st = jnp.result_type(*cts)
+    sizes = [math.prod(f.shape[1:]) for f in fs]
+    n = max(sum(sizes), 1)
+    s = jnp.zeros((), st)
+    for f, ct, size in zip(fs, cts, sizes, strict=True):
+        if size:
+            den = jnp.tensordot(wn.astype(ct), f.astype(ct), axes=1)
+            s = s + (jnp.mean(den) * (size / n)).astype(st)
+    e = _exponent(s)
 
-    def leaf(x, f):
-        ct = jnp.promote_types(compute_dtype(x.dtype), compute_dtype(f.dtype))
-        xc, fc, wc = x.astype(ct), f.astype(ct), wn.astype(ct)
+    def leaf(x, f, ct):
+        xc, wc, scale = x.astype(ct), wn.astype(ct), _pow2(-e, ct)
+        fc = f.astype(ct) * scale  # exact: a power of two
         den = jnp.tensordot(wc, fc, axes=1)
         num = jnp.tensordot(wc, fc * xc, axes=1)
-        ok = den > jnp.asarray(eps, ct)
-        merged = jnp.where(ok, num / jnp.where(ok, den, 1), weighted_sum(xc, wc))
+        if isinstance(eps, Absolute):
+            thr = jnp.asarray(eps.value, ct) * scale
+        else:
+            thr = resolve(eps, s.astype(ct) * scale, ct)
+        # A NaN or Inf total (traced NaN/Inf Fishers) must not read as "no information".
+        thr = jnp.where(jnp.isfinite(s), thr, jnp.nan)
+        fallback = den <= thr
+        merged = jnp.where(fallback, weighted_sum(xc, wc), num / jnp.where(fallback, 1, den))
         return merged.astype(x.dtype)
 
-    return jax.tree_util.tree_map(leaf, stacked, fishers)
+    return treedef.unflatten([leaf(x, f, ct) for x, f, ct in zip(xs, fs, cts, strict=True)])
 
 
 def fisher_merge(
@@ -85,32 +179,62 @@ def fisher_merge(
     fishers: Sequence[chex.ArrayTree] | chex.ArrayTree,
     *,
     weights: Any = None,
-    eps: float = 1e-8,
+    eps: float | Absolute = 1e-12,
     pretrained: chex.ArrayTree | None = None,
     include: LeafFilter = None,
     exclude: LeafFilter = None,
 ) -> chex.ArrayTree:
     """Fisher merging (Matena & Raffel 2022, NeurIPS, eq. 3), elementwise.
 
-    θ = Σ_t w_t F_t ⊙ θ_t / Σ_t w_t F_t,  with F_t the diagonal Fisher of model t.
+    θ = Σ_t w_t F_t ⊙ θ_t / Σ_t w_t F_t,  with F_t the diagonal Fisher of model t and w
+    normalised to Σ_t w_t = 1.
 
-    Where the total weighted Fisher Σ_t w_t F_t (with w normalised to sum to 1) is ≤ ``eps``
-    — no model carries information about that entry — the entry falls back to the weighted
-    average Σ_t w_t θ_t / Σ_t w_t.
+    Entries no model informs fall back to the weighted average Σ_t w_t θ_t: those where
+    Σ_t w_t F_t ≤ ε, with the cut-off ε in the Fishers' units
+
+    * ``eps`` a number (the default): relative, ε = eps · s, s = the mean of Σ_t w_t F_t over
+      every merged entry (all leaves the filter keeps, one global mean). The merge is then
+      the same for every overall scale of the Fishers (c · F_t for any c > 0);
+    * ``eps=jmerge.absolute(x)``: ε = x, as given.
+
+    The default 1e-12 treats an entry as uninformed when its total Fisher is 12 orders of
+    magnitude below the model's mean: it keeps exact zeros (0/0) out of the division and,
+    after the rescaling below, every entry that is divided keeps a denominator above 1e-13,
+    so that its products with the parameters stay far above float32's underflow (1e-38,
+    where CPUs and GPUs flush to zero and a product would silently become 0) even for
+    parameters down to 1e-24; at the same time it is far below any entry a Fisher estimated
+    in float32 resolves (its sums carry a relative rounding of 1e-7), so informed entries
+    are never averaged. ``eps=0`` falls back on exact zeros only.
+
+    Scale: before any product is formed the Fishers are multiplied by 2**-e, s = m · 2**e
+    with m in [0.5, 1) (exact, so the merge is unchanged), which brings their mean to about
+    1: Fishers from 1e-30 to 1e30 merge in float32 without underflow or overflow.
 
     Args:
       finetuned: θ_1..θ_T: a list of pytrees or one stacked pytree with leaves ``(T, *s)``.
       fishers: F_1..F_T in the same layout (a list, or stacked), shaped like the models; any
         float dtype (need not match the models'); entries must be finite and non-negative.
       weights: ``None`` (uniform), a scalar or a length-T array of non-negative weights (the
-        paper's λ_t).
-      eps: threshold on Σ_t w_t F_t below which an entry is averaged instead; may be traced.
+        paper's λ_t), not all zero; may be traced.
+      eps: the cut-off, relative (a number ≥ 0) or :func:`jmerge.absolute`; may be traced.
       pretrained: optional reference model (shapes, dtypes and excluded leaves); else
         ``finetuned[0]``.
       include, exclude: leaf filter; leaves left out are returned from the reference model.
 
     Returns:
       A pytree shaped and typed like the reference model.
+
+    Raises:
+      TreeMismatchError: a model's or Fisher's structure or shapes differ from the reference.
+      NonFiniteError: a concrete model or Fisher has NaN or Inf entries.
+      ValueError: concrete Fishers or weights with negative entries, weights summing to
+        zero, a negative ``eps``, or a number of Fishers other than T.
+
+    Traced inputs (inside ``jax.jit``/``vmap``/``grad``) are checked at run time instead: a
+    ``RuntimeWarning`` (and a ``checkify`` error under ``checkify.checkify(f,
+    errors=checkify.user_checks)``) for negative Fishers or weights, weights summing to zero
+    (the merged leaves are then NaN) and NaN or Inf in the result, which is what NaN or Inf
+    Fishers or models give.
     """
     ref, ref_name = _reference(finetuned, pretrained)
     prep = prepare(ref, finetuned, include=include, exclude=exclude, ref_name=ref_name)
@@ -119,11 +243,13 @@ def fisher_merge(
         raise ValueError(
             f"fishers has {t_f} models but finetuned has {prep.num_models}; one Fisher per model."
         )
-    _check_nonnegative(fstack, "fishers")
+    _check_nonnegative(fishers, ref, "fishers")
     w = _weights(weights, prep.num_models)
     _check_nonnegative_weights(w)
+    _check_nonnegative_scalar(eps, "eps")
     merged = _fisher_kernel(_keep(prep.mask, prep.stacked), _keep(prep.mask, fstack), w, eps)
-    return select(prep.mask, merged, ref)
+    merged = select(prep.mask, merged, ref)
+    return check_result(merged, "fisher_merge", finetuned, fishers, weights, eps, pretrained)
 
 
 def _input_sizes(shape: tuple[int, ...]) -> list[int]:
@@ -174,40 +300,48 @@ def _stack_grams(
                     f"{leaves[k]}: d_in must be the product of the leaf's leading (input) dims, "
                     f"one of {_input_sizes(leaves[k])}."
                 )
-            if not isinstance(g, jax.core.Tracer) and not bool(np.all(np.isfinite(g))):
+            if not is_traced(g) and not bool(np.all(np.isfinite(np.asarray(g)))):
                 raise ValueError(f"grams[{i}]{k} is not finite (NaN or Inf entries).")
     return {k: jnp.stack([jnp.asarray(gs[k]) for gs in sets]) for k in keys}
 
 
 def _regmean_leaf(
-    x: jax.Array, g: jax.Array, w: jax.Array, alpha: jax.Array, ridge: jax.Array
+    x: jax.Array, g: jax.Array, wn: jax.Array, alpha: jax.Array, ridge: Any
 ) -> jax.Array:
-    """RegMean solve for one kernel: x (T, *s), g (T, d, d) -> (*s) in x's dtype."""
+    """RegMean solve for one kernel: x (T, *s), g (T, d, d), wn (T,) summing to 1 -> (*s)."""
     num_models, d = x.shape[0], g.shape[-1]
     ct = jnp.promote_types(compute_dtype(x.dtype), compute_dtype(g.dtype))
     wk = x.astype(ct).reshape(num_models, d, -1)
-    wc, ac = (w / jnp.sum(w)).astype(ct), jnp.asarray(alpha, ct)
+    wc, ac = wn.astype(ct), jnp.asarray(alpha, ct)
     gc = g.astype(ct)
+    # tr(Σ_t w_t G̃_t)/d (the shrinkage keeps the diagonal), and the Grams rescaled by a
+    # power of two (exact) so that this mean diagonal is about 1.
+    scale = jnp.abs(jnp.tensordot(wc, jnp.trace(gc, axis1=1, axis2=2), axes=1)) / d
+    scale = jnp.where(scale > 0, scale, 1)
+    factor = _pow2(-_exponent(scale), ct)
+    gc = gc * factor
     eye = jnp.eye(d, dtype=ct)
     g_shrunk = ac * gc + (1 - ac) * jnp.diagonal(gc, axis1=1, axis2=2)[:, :, None] * eye
     a = jnp.tensordot(wc, g_shrunk, axes=1)
     b = jnp.einsum("t,tij,tjk->ik", wc, g_shrunk, wk)
     w_bar = jnp.tensordot(wc, wk, axes=1)
-    scale = jnp.abs(jnp.trace(a)) / d
-    lam = jnp.asarray(ridge, ct) * jnp.where(scale > 0, scale, 1)
+    if isinstance(ridge, Absolute):
+        lam = jnp.asarray(ridge.value, ct) * factor
+    else:
+        lam = resolve(ridge, scale * factor, ct)
     merged = jnp.linalg.solve(a + lam * eye, b + lam * w_bar)
     return merged.reshape(x.shape[1:]).astype(x.dtype)
 
 
 @jax.jit
 def _regmean_kernel(stacked, grams, w, alpha, ridge):
-    wn = w / jnp.sum(w)
+    wn = normalise(w)
 
     def leaf(path, x):
         g = grams.get(jax.tree_util.keystr(path))
         if g is None:
             return weighted_sum(x, wn).astype(x.dtype)
-        return _regmean_leaf(x, g, w, alpha, ridge)
+        return _regmean_leaf(x, g, wn, alpha, ridge)
 
     return jax.tree_util.tree_map_with_path(leaf, stacked)
 
@@ -235,12 +369,23 @@ def regmean(
     weighted average). Every leaf without a Gram (biases, norms, embeddings) is the weighted
     average W̄, as in the paper.
 
+    with w normalised to Σ_t w_t = 1.
+
     Singular Σ_t w_t G̃_t (inputs that are zero on every example, fewer examples than d_in):
-    a relative ridge λ = ``ridge`` · tr(Σ_t w_t G̃_t)/d_in pulls the solution towards the
-    average W̄, so a dead input's row of W is exactly its row of W̄ and the solve is always
-    well-posed; with the default 1e-6 the effect on a well-conditioned system is at round-off
-    level. ``ridge=0`` gives the exact formula (and inf/NaN on singular systems). The solve is
-    ``jnp.linalg.solve`` in float32, or float64 when the inputs are float64.
+    the ridge λ pulls the solution towards the average W̄, so a dead input's row of W is
+    exactly its row of W̄ and the solve is always well-posed. λ is in the Grams' units:
+
+    * ``ridge`` a number (the default): relative, λ = ridge · tr(Σ_t w_t G̃_t)/d_in per
+      kernel (the mean diagonal; 1 if the trace is 0), so the merge is the same for every
+      overall scale of the Grams (c · G_t, c > 0). With the default 1e-6 the effect on a
+      well-conditioned system is at round-off level;
+    * ``ridge=jmerge.absolute(x)``: λ = x, as given.
+
+    ``ridge=0`` gives the exact formula (and Inf/NaN on singular systems). Before the solve
+    each kernel's Grams are multiplied by 2**-e with tr/d_in = m · 2**e, m in [0.5, 1)
+    (exact; λ with them), so that float32 neither overflows nor underflows whatever their
+    scale. The solve is ``jnp.linalg.solve`` in float32, or float64 when the inputs are
+    float64.
 
     Args:
       finetuned: θ_1..θ_T: a list of pytrees or one stacked pytree with leaves ``(T, *s)``.
@@ -250,14 +395,26 @@ def regmean(
         leaf's leading dims, is an error naming ``grams[i]`` and the path. A Gram of an excluded
         leaf is ignored. ``BlockGram.rest`` is ignored (Gram-less leaves are averaged).
       alpha: off-diagonal scale α in [0, 1] (may be traced).
-      weights: ``None`` (uniform), a scalar or a length-T array of non-negative model weights.
-      ridge: relative ridge (may be traced), see above.
+      weights: ``None`` (uniform), a scalar or a length-T array of non-negative model
+        weights, not all zero (may be traced).
+      ridge: the ridge λ, relative (a number) or :func:`jmerge.absolute` (may be traced),
+        see above.
       pretrained: optional reference model (shapes, dtypes and excluded leaves); else
         ``finetuned[0]``.
       include, exclude: leaf filter; leaves left out are returned from the reference model.
 
     Returns:
       A pytree shaped and typed like the reference model.
+
+    Raises:
+      TreeMismatchError, TypeError, ValueError: a Gram set that does not fit the models (see
+        ``grams``), a concrete Gram with NaN or Inf entries, concrete weights that are
+        negative or sum to zero.
+
+    Traced inputs (inside ``jax.jit``/``vmap``/``grad``) are checked at run time instead: a
+    ``RuntimeWarning`` (and a ``checkify`` error under ``checkify.checkify(f,
+    errors=checkify.user_checks)``) for negative weights, weights summing to zero (the merged
+    leaves are then NaN) and NaN or Inf in the result.
     """
     ref, ref_name = _reference(finetuned, pretrained)
     prep = prepare(ref, finetuned, include=include, exclude=exclude, ref_name=ref_name)
@@ -265,4 +422,5 @@ def regmean(
     w = _weights(weights, prep.num_models)
     _check_nonnegative_weights(w)
     merged = _regmean_kernel(_keep(prep.mask, prep.stacked), gstack, w, alpha, ridge)
-    return select(prep.mask, merged, ref)
+    merged = select(prep.mask, merged, ref)
+    return check_result(merged, "regmean", finetuned, grams, weights, alpha, ridge, pretrained)

@@ -18,9 +18,14 @@ The merges compose them: ``ties`` = trim → elect → disjoint mean, ``dare`` =
 Excluded leaves (``include``/``exclude``, see :mod:`jmerge.merges.basic`) take no part in any
 transform — in particular not in the global top-k threshold — and are returned unchanged from
 ``pretrained``. Computation is in at least float32; merged leaves are cast back to the
-pretrained dtype. All merges are ``jax.jit``-compatible; ``density`` and ``scope`` of the
-top-k trimming are static (they fix the number k of kept entries), DARE's ``density`` may be
-traced.
+pretrained dtype.
+
+Every function runs inside ``jax.jit``, ``jax.vmap`` and ``jax.grad``, with its arrays passed as
+arguments or closed over; ``density`` and ``scope`` of the top-k trimming are static (they fix
+the number k of kept entries), DARE's ``density`` and every ``alpha`` may be traced. Concrete
+inputs are checked when the function is called; traced ones at run time (a ``density``
+outside (0, 1], a NaN or Inf in a merge's result: a ``RuntimeWarning`` and a
+``jax.experimental.checkify`` error under ``checkify.checkify(f, errors=checkify.user_checks)``).
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jmerge.merges._common import per_model, prepare, select, weighted_sum
+from jmerge.merges._common import check_result, per_model, prepare, select, weighted_sum
 from jmerge.merges.basic import Models, _keep, _task_vectors
-from jmerge.tree import LeafFilter
+from jmerge.tree import LeafFilter, is_traced, require
 
 __all__ = [
     "trim_topk",
@@ -55,9 +60,17 @@ _SCOPES = ("tensor", "global")
 
 
 def _check_density(density: Any, *, allow_traced: bool = False) -> Any:
-    """``density`` as a float in (0, 1]; a clear error otherwise (a tracer passes if allowed)."""
-    if isinstance(density, jax.core.Tracer):
+    """``density`` as a float in (0, 1]; a clear error otherwise.
+
+    A traced density, where allowed, is checked at run time (:func:`jmerge.tree.require`).
+    """
+    if is_traced(density):
         if allow_traced:
+            require(
+                (density > 0) & (density <= 1),
+                "density must be in (0, 1] (the fraction kept); found outside at run time, "
+                "inside jax.jit/vmap/grad.",
+            )
             return density
         raise TypeError(
             "density must be a concrete number here (it fixes the number of kept entries); "
@@ -200,7 +213,7 @@ def drop_and_rescale(tvs: chex.ArrayTree, density: Any, key: jax.Array) -> chex.
 
     Args:
       tvs: stacked task vectors, leaves ``(T, *s)`` (``None`` leaves are skipped).
-      density: the keep probability p in (0, 1]; may be traced.
+      density: the keep probability p in (0, 1]; may be traced (then checked at run time).
       key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
 
     Returns:
@@ -315,7 +328,8 @@ def ties(
         density=density,
         scope=scope,
     )
-    return select(prep.mask, merged, pretrained)
+    merged = select(prep.mask, merged, pretrained)
+    return check_result(merged, "ties", pretrained, finetuned, alpha)
 
 
 @jax.jit
@@ -347,7 +361,8 @@ def dare(
     Args:
       pretrained: θ0, leaf shape ``s``.
       finetuned: θ_1..θ_T: a list of pytrees or one stacked pytree with leaves ``(T, *s)``.
-      density: keep probability p = 1 − drop rate, in (0, 1]; may be traced (then unchecked).
+      density: keep probability p = 1 − drop rate, in (0, 1]; may be traced (then checked at
+        run time).
       key: a PRNG key; every leaf and model draws independently (:func:`drop_and_rescale`).
       alpha: scalar or one per model (may be traced).
       include, exclude: leaf filter; leaves left out are returned from ``pretrained``.
@@ -361,7 +376,8 @@ def dare(
     merged = _dare_kernel(
         _keep(prep.mask, pretrained), _keep(prep.mask, prep.stacked), a, density, key
     )
-    return select(prep.mask, merged, pretrained)
+    merged = select(prep.mask, merged, pretrained)
+    return check_result(merged, "dare", pretrained, finetuned, alpha, density)
 
 
 @jax.jit
@@ -388,7 +404,7 @@ def dare_ties(
     Args:
       pretrained: θ0, leaf shape ``s``.
       finetuned: θ_1..θ_T: a list of pytrees or one stacked pytree with leaves ``(T, *s)``.
-      density: keep probability in (0, 1]; may be traced (then unchecked).
+      density: keep probability in (0, 1]; may be traced (then checked at run time).
       key: a PRNG key.
       alpha: scalar scale of the merged task vector (may be traced).
       include, exclude: leaf filter; leaves left out are returned from ``pretrained``.
@@ -402,4 +418,5 @@ def dare_ties(
     merged = _dare_ties_kernel(
         _keep(prep.mask, pretrained), _keep(prep.mask, prep.stacked), a, density, key
     )
-    return select(prep.mask, merged, pretrained)
+    merged = select(prep.mask, merged, pretrained)
+    return check_result(merged, "dare_ties", pretrained, finetuned, alpha, density)

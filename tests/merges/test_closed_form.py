@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import jmerge
 from jmerge.merges.closed_form import fisher_merge, regmean
 from jmerge.tree import NonFiniteError, TreeMismatchError
 
@@ -46,8 +47,13 @@ def _fisher_setup(seed=0, shapes=None):
     return models, fishers
 
 
-def _np_fisher(models, fishers, w, eps):
+def _np_fisher(models, fishers, w, eps=1e-12, relative=True):
+    """Loops; a relative eps is eps · (mean of Σ_t w_t F_t over every entry)."""
     w = np.asarray(w, np.float64) / np.sum(w)
+    if relative:
+        per = [_leaves(f) for f in fishers]
+        tot = [sum(w[t] * p[j] for t, p in enumerate(per)).ravel() for j in range(len(per[0]))]
+        eps = eps * np.mean(np.concatenate(tot))
     out = []
     for j in range(len(_leaves(models[0]))):
         xs = [_leaves(m)[j] for m in models]
@@ -77,8 +83,9 @@ def _regmean_setup(seed=0, n=20):
     return pre, models, grams
 
 
-def _np_regmean(models, grams, alpha, w, ridge):
-    """Kernels: (Σ w G̃ + λI)⁻¹ (Σ w G̃ W + λ W̄); other leaves: weighted average."""
+def _np_regmean(models, grams, alpha, w, ridge, relative=True):
+    """Kernels: (Σ w G̃ + λI)⁻¹ (Σ w G̃ W + λ W̄), λ = ridge · tr/d (relative) or ridge;
+    other leaves: weighted average."""
     w = np.asarray(w, np.float64) / np.sum(w)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(models[0])]
     out = []
@@ -95,7 +102,7 @@ def _np_regmean(models, grams, alpha, w, ridge):
             gt = alpha * g + (1 - alpha) * np.diag(np.diag(g))
             a += w[t] * gt
             b += w[t] * gt @ ws[t].reshape(d, -1)
-        lam = ridge * np.trace(a) / d
+        lam = ridge * np.trace(a) / d if relative else ridge
         out.append(
             np.linalg.solve(a + lam * np.eye(d), b + lam * avg.reshape(d, -1)).reshape(ws[0].shape)
         )
@@ -111,15 +118,21 @@ class ClosedFormTest(chex.TestCase):
             f["a"] = f["a"].at[0, :2].set(0.0).at[1, 1].set(1e-10 * (t + 1) ** 2)
         assert not np.array_equal(fa, fishers[0]["a"])
         w = np.array([1.0, 2.0, 0.5])
-        got = self.variant(fisher_merge)(models, fishers, weights=w, eps=1e-8)
-        ref = _np_fisher(models, fishers, w, 1e-8)
+        # eps was an absolute cut-off; it is relative to the mean Fisher now, absolute on request.
+        got = self.variant(fisher_merge)(models, fishers, weights=w, eps=jmerge.absolute(1e-8))
+        ref = _np_fisher(models, fishers, w, 1e-8, relative=False)
         _close(got, ref)
         avg = sum(w[t] * np.asarray(models[t]["a"]) for t in range(T)) / w.sum()
         np.testing.assert_allclose(got["a"][0, :2], avg[0, :2], rtol=1e-12)
         np.testing.assert_allclose(got["a"][1, 1], avg[1, 1], rtol=1e-12)
         _close(
-            self.variant(fisher_merge)(models, fishers), _np_fisher(models, fishers, [1] * T, 1e-8)
+            self.variant(fisher_merge)(models, fishers, weights=w, eps=1e-8),
+            _np_fisher(models, fishers, w, 1e-8),
         )
+        # The default (relative 1e-12) averages the exact zeros only here.
+        got = self.variant(fisher_merge)(models, fishers)
+        _close(got, _np_fisher(models, fishers, [1] * T))
+        assert not np.allclose(got["a"][1, 1], np.mean([m["a"][1, 1] for m in models]))
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_regmean_matches_numpy_solve(self):
@@ -262,4 +275,92 @@ def test_regmean_and_fisher_random_shapes(in_dims, out_dims, num, alpha, seed):
         regmean(models, grams, alpha=alpha, weights=w), _np_regmean(models, grams, alpha, w, 1e-6)
     )
     fishers = [jax.tree_util.tree_map(lambda x: jnp.abs(x) * rng.uniform(), m) for m in models]
-    _close(fisher_merge(models, fishers, weights=w), _np_fisher(models, fishers, w, 1e-8))
+    _close(fisher_merge(models, fishers, weights=w), _np_fisher(models, fishers, w))
+
+
+# ---- scale: relative eps / ridge, absolute on request, power-of-two rescaling ----
+
+
+def test_fisher_eps_is_relative_to_the_mean_fisher():
+    models = [{"x": jnp.array([0.0], jnp.float32)}, {"x": jnp.array([4.0], jnp.float32)}]
+    fishers = [{"x": jnp.array([1e-9], jnp.float32)}, {"x": jnp.array([3e-9], jnp.float32)}]
+    np.testing.assert_allclose(fisher_merge(models, fishers)["x"], [3.0], rtol=1e-6)
+    # An absolute cut-off above the Fishers averages instead (the former default, 1e-8).
+    got = fisher_merge(models, fishers, eps=jmerge.absolute(1e-8))
+    np.testing.assert_allclose(got["x"], [2.0], rtol=1e-6)
+    got = fisher_merge(models, fishers, eps=jmerge.absolute(1e-10))
+    np.testing.assert_allclose(got["x"], [3.0], rtol=1e-6)
+    # Relative: entries below eps · mean(Σ_t w_t F_t) fall back, over all merged leaves.
+    m2 = [dict(m, y=jnp.array([1.0, 2.0], jnp.float32) * (t + 1)) for t, m in enumerate(models)]
+    f2 = [dict(f, y=jnp.array([1.0, 1.0], jnp.float32)) for f in fishers]
+    got = fisher_merge(m2, f2, eps=1e-6)  # mean ≈ 2/3: the x entry (2e-9) is uninformed
+    np.testing.assert_allclose(got["x"], [2.0], rtol=1e-6)
+    np.testing.assert_allclose(got["y"], [1.5, 3.0], rtol=1e-6)
+    got = fisher_merge(m2, f2, eps=1e-6, exclude="y")  # now x alone sets the mean
+    np.testing.assert_allclose(got["x"], [3.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        fisher_merge(models, fishers, eps=-1.0)
+
+
+@settings(deadline=None, max_examples=6)
+@given(seed=st.integers(0, 2**16), decades=st.floats(-3.0, 3.0))
+def test_fisher_merge_invariant_to_the_fishers_scale_float32(seed, decades):
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (4, 5), "b": (5,)}
+    tree = lambda f: {k: np.asarray(f(s), np.float32) for k, s in shapes.items()}
+    models = [tree(lambda s: rng.normal(size=s)) for _ in range(T)]
+    fishers = [
+        tree(lambda s: rng.uniform(0, 2, size=s) ** 2 * 10 ** (decades + rng.uniform(-2, 2, s)))
+        for _ in range(T)
+    ]
+    fishers[0]["a"][0] = 0.0  # entry [0, 0]: no model informs it; [0, 1:]: model 2 alone
+    fishers[1]["a"][0] = 0.0
+    fishers[2]["a"][0, 0] = 0.0
+    w = rng.uniform(0.5, 2.0, size=T)
+    want = fisher_merge(models, fishers, weights=w)
+    np.testing.assert_allclose(
+        want["a"][0, 0], np.sum(w * [m["a"][0, 0] for m in models]) / w.sum(), rtol=1e-5
+    )
+    np.testing.assert_allclose(want["a"][0, 1:], models[2]["a"][0, 1:], rtol=1e-6)
+    for c in (1e-20, 1e-10, 1e10, 1e20):
+        scaled = [
+            {k: (np.float32(c) * v).astype(np.float32) for k, v in f.items()} for f in fishers
+        ]
+        chex.assert_trees_all_close(
+            fisher_merge(models, scaled, weights=w), want, rtol=2e-5, atol=1e-6
+        )
+
+
+def test_fisher_merge_rescales_products_into_float32_range():
+    """F · θ would overflow float32 (1e35 · 1e4); the power-of-two rescaling avoids it."""
+    models = [{"x": jnp.array([1e4, -3e4], jnp.float32)}, {"x": jnp.array([3e4, 1e4], jnp.float32)}]
+    fishers = [
+        {"x": jnp.array([1e35, 3e35], jnp.float32)},
+        {"x": jnp.array([3e35, 1e35], jnp.float32)},
+    ]
+    np.testing.assert_allclose(fisher_merge(models, fishers)["x"], [2.5e4, -2e4], rtol=1e-6)
+    # F · θ would underflow (1e-30 · 1e-10 = 1e-40, flushed to 0 on CPU and GPU).
+    small = [jax.tree_util.tree_map(lambda x: x * 1e-14, m) for m in models]
+    tiny = [
+        {"x": jnp.array([1e-30, 3e-30], jnp.float32)},
+        {"x": jnp.array([3e-30, 1e-30], jnp.float32)},
+    ]
+    np.testing.assert_allclose(fisher_merge(small, tiny)["x"], [2.5e-10, -2e-10], rtol=1e-6)
+
+
+def test_regmean_ridge_relative_absolute_and_scale_invariant():
+    pre, models, grams = _regmean_setup(seed=2, n=3)  # n < d_in of Dense_1: singular Grams
+    lam = 0.5
+    got = regmean(models, grams, ridge=jmerge.absolute(lam), alpha=0.8)
+    _close(got, _np_regmean(models, grams, 0.8, [1.0] * T, lam, relative=False), rtol=1e-8)
+    got = regmean(models, grams, ridge=lam, alpha=0.8)
+    _close(got, _np_regmean(models, grams, 0.8, [1.0] * T, lam), rtol=1e-8)
+    # Relative ridge: the same merge for Grams scaled by any c (float32).
+    m32 = [jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), m) for m in models]
+    g32 = [{k: v.astype(jnp.float32) for k, v in g.items()} for g in grams]
+    want = regmean(m32, g32, alpha=0.8, ridge=1e-3)
+    for c in (1e-20, 1e-10, 1e10, 1e20):
+        scaled = [{k: v * np.float32(c) for k, v in g.items()} for g in g32]
+        chex.assert_trees_all_close(
+            regmean(m32, scaled, alpha=0.8, ridge=1e-3), want, rtol=1e-4, atol=1e-5
+        )
