@@ -27,24 +27,43 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-from jmerge.curvature._capture import LayerGraph, per_example_fn
-from jmerge.tree import NonFiniteError, check_finite
+from jmerge.curvature._capture import find_layers, per_example_fn
+from jmerge.curvature._data import (
+    KINDS,
+    check_batch_size,
+    check_callable,
+    check_kind,
+    check_labels_range,
+    check_logits,
+    chunk_examples,
+    chunk_size,
+    cotangents,
+    labels_in_range,
+    layer_grads,
+    num_examples,
+    probe,
+    scan_sum,
+)
+from jmerge.tree import (
+    NonFiniteError,
+    check_finite,
+    compute_dtype,
+    is_traced,
+    require,
+    runtime_check_finite,
+)
 
 __all__ = ["fisher_diag", "KINDS"]
 
-KINDS = ("exact", "sampled", "empirical")
-
-# Default bound on the number of elements materialised per chunk of examples (per-example
-# gradients of the leaves that need them, captured activations); about 256 MiB in float32.
-_CHUNK_BUDGET = 2**26
+_OVERFLOW_HINT = (
+    "The logits or their gradients overflowed (check the inputs and the model's dtype)."
+)
+_OVERFLOW = "fisher_diag: the Fisher is not finite although params are. " + _OVERFLOW_HINT
 
 _warned: set[tuple[Callable, str]] = set()
 
@@ -108,24 +127,19 @@ def fisher_diag(
       ValueError / TypeError: unknown ``kind``; ``labels`` missing for ``"empirical"`` or not of
         shape ``(N, *token_axes)``; ``key`` missing for ``"sampled"``; inputs with different
         leading axes; non-floating params; ``logits_fn(params, inputs[:1])`` failing or not
-        returning ``(1, ..., K)`` floating logits.
+        returning ``(1, ..., K)`` floating logits; ``labels`` (``"empirical"``) outside
+        ``[0, K)``.
       jmerge.tree.NonFiniteError: ``params`` or the result hold NaN/Inf (named by leaf path).
-        Checked eagerly only: under an outer ``jax.jit`` the values cannot be inspected.
+
+    Under ``jax.jit`` / ``jax.vmap`` the checks of values run where the values are known
+    (params and labels closed over by the jitted function are checked while it traces) and are
+    staged otherwise with :func:`jmerge.tree.require` / :func:`jmerge.tree.runtime_check_finite`:
+    a ``RuntimeWarning`` when the compiled program finds labels out of range or a NaN / Inf, and
+    an error under ``jax.experimental.checkify.checkify(f, errors=checkify.user_checks)``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    if kind == "empirical" and labels is None:
-        raise ValueError('kind="empirical" needs labels of shape (N, *token_axes); got None.')
-    if kind == "sampled" and key is None:
-        raise ValueError('kind="sampled" needs a PRNG key (key=jax.random.key(0)); got None.')
-    if batch_size is not None and (
-        not isinstance(batch_size, (int, np.integer))
-        or isinstance(batch_size, bool)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}.")
+    check_kind(kind, labels, key)
+    batch_size = check_batch_size(batch_size)
+    check_callable(logits_fn, "logits_fn")
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
@@ -133,55 +147,33 @@ def fisher_diag(
                 "fisher_diag needs floating-point parameters (split non-parameter state off, "
                 "e.g. nnx.split(model, nnx.Param, ...))."
             )
-    _num_examples(inputs)
-    out, params_ok, out_ok = _fisher_jit(
+    num_examples(inputs)
+    labels = labels if kind == "empirical" else None
+    out, (params_ok, out_ok, labels_ok) = _fisher_jit(
         params,
         inputs,
-        labels if kind == "empirical" else None,
+        labels,
         key if kind == "sampled" else None,
         logits_fn=logits_fn,
         kind=kind,
-        batch_size=None if batch_size is None else int(batch_size),
+        batch_size=batch_size,
         fast=bool(fast),
     )
-    if not isinstance(params_ok, jax.core.Tracer):  # eager: the flags can be read
-        params_ok, out_ok = jax.device_get((params_ok, out_ok))
-        if not params_ok.all():
-            check_finite(params, name="params")  # names the leaf
-        if not out_ok.all():
-            try:
-                check_finite(out, name="fisher")
-            except NonFiniteError as e:
-                raise NonFiniteError(
-                    f"{e} The logits or their gradients overflowed (check the inputs and the "
-                    "model's dtype)."
-                ) from None
+    if is_traced(params_ok):  # inside jit / vmap: check concrete params now, stage the rest
+        check_labels_range(labels_ok, labels, logits_fn, params, inputs)
+        runtime_check_finite(params, name="params")
+        require(out_ok.all() | ~params_ok.all(), _OVERFLOW)
+        return out
+    params_ok, out_ok, labels_ok = jax.device_get((params_ok, out_ok, labels_ok))
+    check_labels_range(labels_ok, labels, logits_fn, params, inputs)
+    if not params_ok.all():
+        check_finite(params, name="params")  # names the leaf
+    if not out_ok.all():
+        try:
+            check_finite(out, name="fisher")
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} {_OVERFLOW_HINT}") from None
     return out
-
-
-def _num_examples(inputs: Any) -> int:
-    leaves = jax.tree_util.tree_leaves_with_path(inputs)
-    if not leaves:
-        raise ValueError("inputs is empty; expected an array or pytree of arrays.")
-    sizes = {}
-    for path, x in leaves:
-        shape = jnp.shape(x)
-        if len(shape) == 0:
-            raise ValueError(
-                f"inputs{jax.tree_util.keystr(path)} is a scalar; every input needs a leading "
-                "example axis."
-            )
-        sizes[jax.tree_util.keystr(path)] = shape[0]
-    if len(set(sizes.values())) != 1:
-        raise ValueError(
-            "inputs must share one leading example axis; got leading sizes "
-            + ", ".join(f"inputs{p or ''}: {n}" for p, n in sizes.items())
-            + "."
-        )
-    n = next(iter(sizes.values()))
-    if n == 0:
-        raise ValueError("inputs hold no examples (leading axis of size 0).")
-    return int(n)
 
 
 def _warn_unmatched(logits_fn: Callable, path: str, primitive: str) -> None:
@@ -197,31 +189,6 @@ def _warn_unmatched(logits_fn: Callable, path: str, primitive: str) -> None:
     )
 
 
-def _cotangents(kind: str, logits: jax.Array, label: Any, key: Any, keep: Any) -> jax.Array:
-    """Cotangents on one example's logits ``(*T, K)``: ``onehot(y) − p``, or for ``exact`` the
-    ``T·K`` columns ``c_{t,k} = √p_{t,k} (e_k − p_t)`` stacked on a leading axis."""
-    work = jnp.promote_types(logits.dtype, jnp.float32)
-    logp = jax.nn.log_softmax(logits.astype(work), axis=-1)
-    p = jnp.exp(logp)
-    k = logits.shape[-1]
-    if kind == "exact":
-        tshape = logits.shape[:-1]
-        t = math.prod(tshape)
-        pf = p.reshape(t, k)
-        base = jnp.sqrt(pf)[:, :, None] * (jnp.eye(k, dtype=work)[None] - pf[:, None, :])
-        cols = jnp.eye(t, dtype=work)[:, None, :, None] * base[:, :, None, :]
-        cols = cols.reshape(t * k, *tshape, k)
-    else:
-        if kind == "empirical":
-            y = label
-        else:  # Gumbel-max; noise drawn flat: XLA:CPU compiles rank-1 random bits much faster
-            noise = jax.random.gumbel(key, (logp.size,), work).reshape(logp.shape)
-            y = jnp.argmax(logp + noise, axis=-1)
-        cols = jax.nn.one_hot(y, k, dtype=work) - p
-    cols = jnp.where(keep, cols, 0)
-    return lax.stop_gradient(cols.astype(logits.dtype))
-
-
 def _sum0(x: jax.Array) -> jax.Array:
     """``jnp.sum(x, axis=0)`` by pairwise halving: XLA:CPU reduces a leading axis of a large
     per-example array an order of magnitude slower than it adds two halves elementwise."""
@@ -234,68 +201,19 @@ def _sum0(x: jax.Array) -> jax.Array:
     return x[0]
 
 
-def _check_logits(probe: Any, labels: Any, n: int) -> tuple[tuple[int, ...], int]:
-    """Validate the logits of one example (``probe``, a ShapeDtypeStruct of shape
-    (1, *token_axes, K)) and, if given, the labels (N, *token_axes) against them.
-
-    Shared by :func:`fisher_diag` and ``jmerge.curvature.gram.kfac_factors``.
-
-    Returns:
-      ``(token_shape, num_classes)``.
-    """
-    if not isinstance(probe, jax.ShapeDtypeStruct):
-        raise TypeError(
-            f"logits_fn must return one array of logits (1, *token_axes, K); got {probe}."
-        )
-    if len(probe.shape) < 2 or probe.shape[0] != 1:
-        raise ValueError(
-            "logits_fn(params, inputs[:1]) must return logits of shape (1, *token_axes, K) "
-            f"(the leading example axis kept); got shape {probe.shape}."
-        )
-    if not jnp.issubdtype(probe.dtype, jnp.floating):
-        raise TypeError(f"logits must be floating point; got dtype {probe.dtype}.")
-    token_shape, num_classes = tuple(probe.shape[1:-1]), probe.shape[-1]
-    if labels is not None:
-        if tuple(jnp.shape(labels)) != (n, *token_shape):
-            raise ValueError(
-                f"labels must have shape (N, *token_axes) = {(n, *token_shape)} to match the "
-                f"logits (N, *token_axes, K) = {(n, *token_shape, num_classes)}; got "
-                f"{tuple(jnp.shape(labels))}."
-            )
-        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-            raise TypeError(f"labels must be integer class ids; got {jnp.result_type(labels)}.")
-    return token_shape, num_classes
-
-
 def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    n = _num_examples(inputs)
-    acc = [jnp.promote_types(jnp.result_type(x), jnp.float32) for x in leaves]
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
-    one_spec = lambda a: jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), jnp.result_type(a))  # noqa: E731
-    try:
-        probe = jax.eval_shape(
-            logits_fn,
-            jax.tree_util.tree_map(spec, params),
-            jax.tree_util.tree_map(one_spec, inputs),
-        )
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
-        raise ValueError(f"logits_fn(params, inputs[:1]) failed: {type(e).__name__}: {e}") from e
-    token_shape, num_classes = _check_logits(probe, labels, n)
+    n = num_examples(inputs)
+    acc = [compute_dtype(jnp.result_type(x)) for x in leaves]
+    logits = probe(logits_fn, "logits_fn", params, inputs)
+    token_shape, num_classes = check_logits(logits, labels, n)
     cols = num_classes * math.prod(token_shape) if kind == "exact" else 1
-    logit_size = math.prod(probe.shape)
+    logit_size = math.prod(logits.shape)
     f1 = per_example_fn(logits_fn, treedef)
-    keys = jax.random.split(key, n) if key is not None else None
 
     graph = None
     if fast:
-        graph = LayerGraph(
-            logits_fn,
-            params,
-            jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), inputs
-            ),
-        )
+        graph = find_layers(logits_fn, params, inputs)
         for i, prim in graph.unmatched.items():
             _warn_unmatched(logits_fn, graph.leaf_paths[i], prim)
         generic = [i for i in range(len(leaves)) if graph.rule[i] == "generic"]
@@ -313,26 +231,8 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
         generic = list(range(len(leaves)))
         per_ex = cols * logit_size
     per_ex += cols * sum(math.prod(leaves[i].shape) for i in generic)
-    chunk = batch_size if batch_size is not None else _CHUNK_BUDGET // max(per_ex, 1)
-    chunk = int(min(max(chunk, 1), n))
-    n_chunks = -(-n // chunk)
-    total = n_chunks * chunk
-
-    def chunked(x):
-        if x is None:
-            return None
-        if total > n:
-            idx = np.arange(total)
-            idx[idx >= n] = 0
-            x = x[idx]
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-    xs = (
-        jax.tree_util.tree_map(chunked, inputs),
-        chunked(labels),
-        chunked(keys),
-        jnp.asarray(np.arange(total) < n).reshape(n_chunks, chunk),
-    )
+    chunk = chunk_size(batch_size, per_ex, n)
+    xs = chunk_examples(inputs, labels, key, n, chunk)
 
     def generic_sq(idx, batch):
         def one(x_n, y_n, k_n, m_n):
@@ -343,28 +243,28 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
                 return f1(ls, x_n)
 
             logits, vjp = jax.vjp(f, [leaves[i] for i in idx])
-            c = _cotangents(kind, logits, y_n, k_n, m_n)
+            c = cotangents(kind, logits, y_n, k_n, m_n)
             if kind == "exact":
                 gs = jax.vmap(vjp)(c)[0]
                 return [_sum0(g.astype(acc[i]) ** 2) for i, g in zip(idx, gs, strict=True)]
             return [g.astype(acc[i]) ** 2 for i, g in zip(idx, vjp(c)[0], strict=True)]
 
-        return [_sum0(s) for s in jax.vmap(one)(*batch)]
+        (x, y, k), m = batch
+        return [_sum0(s) for s in jax.vmap(one)(x, y, k, m)]
 
     def fast_sq(batch):
         layers = graph.layers
 
         def one(x_n, y_n, k_n, m_n):
-            logits, vjp, a = graph.run_vjp(leaves, x_n)
-            c = _cotangents(kind, logits, y_n, k_n, m_n)
-            g = jax.vmap(vjp)(c) if kind == "exact" else [gk[None] for gk in vjp(c)]
+            a, g = layer_grads(graph, leaves, kind, x_n, y_n, k_n, m_n)
             g = [
                 jnp.sum(gk.astype(acc[lay.leaf_index]) ** 2, axis=0) if lay.foldable else gk
                 for lay, gk in zip(layers, g, strict=True)
             ]
             return a, g
 
-        a, g = jax.vmap(one)(*batch)
+        (x, y, k), m = batch
+        a, g = jax.vmap(one)(x, y, k, m)
         out = {}
         for i, rule in graph.rule.items():
             ks = graph.consumers_of.get(i, ())
@@ -392,24 +292,20 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
                 out[i] = s
         return out
 
+    zeros = {i: jnp.zeros(jnp.shape(x), acc[i]) for i, x in enumerate(leaves)}
+
     def chunk_sums(batch):
         if graph is None:
-            return dict(zip(generic, generic_sq(generic, batch), strict=True))
-        return fast_sq(batch)
+            part = dict(zip(generic, generic_sq(generic, batch), strict=True))
+        else:
+            part = fast_sq(batch)
+        return {i: part.get(i, z) for i, z in zeros.items()}  # unused leaves: zeros
 
-    zeros = {i: jnp.zeros(jnp.shape(x), acc[i]) for i, x in enumerate(leaves)}
-    if n_chunks == 1:
-        sums = {**zeros, **chunk_sums(jax.tree_util.tree_map(lambda x: x[0], xs))}
-    else:
-
-        def body(carry, batch):
-            part = chunk_sums(batch)
-            return {i: carry[i] + part[i] if i in part else carry[i] for i in carry}, None
-
-        sums, _ = lax.scan(body, zeros, xs)
+    sums = scan_sum(chunk_sums, xs, zeros)
     result = [(sums[i] / n).astype(acc[i]) for i in range(len(leaves))]
     finite = lambda xs: jnp.array([jnp.all(jnp.isfinite(x)) for x in xs], bool)  # noqa: E731
-    return jax.tree_util.tree_unflatten(treedef, result), finite(leaves), finite(result)
+    flags = (finite(leaves), finite(result), labels_in_range(labels, num_classes))
+    return jax.tree_util.tree_unflatten(treedef, result), flags
 
 
 _fisher_jit = jax.jit(_impl, static_argnames=("logits_fn", "kind", "batch_size", "fast"))

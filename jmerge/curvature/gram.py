@@ -37,12 +37,27 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jmerge.curvature._capture import LayerGraph, LayerInfo, capture, find_layers
-from jmerge.curvature.fisher import KINDS, _check_logits, _cotangents, _num_examples
+from jmerge.curvature._data import (
+    check_batch_size,
+    check_callable,
+    check_kind,
+    check_labels_range,
+    check_logits,
+    check_option,
+    chunk_examples,
+    chunk_size,
+    chunked,
+    labels_in_range,
+    layer_grads,
+    num_examples,
+    probe,
+    scan_sum,
+)
 from jmerge.curvature.operators import KFAC, BlockGram
+from jmerge.tree import compute_dtype, runtime_check_finite
 
 __all__ = ["gram", "kfac_factors", "layer_report", "NORMALIZE", "TIED"]
 
@@ -50,10 +65,6 @@ PyTree = Any
 
 NORMALIZE = ("sum", "mean")
 TIED = ("error", "sum", "skip")
-
-# Default bound on the number of elements materialised per chunk of examples (captured inputs
-# and output gradients of the selected layers); about 256 MiB in float32.
-_CHUNK_BUDGET = 2**26
 
 # View primitives that keep the row-major order of the leaf's entries: with the kernel's
 # contracting dims leading, ``operand.reshape(d_in, -1) == leaf.reshape(d_in, -1)``.
@@ -192,51 +203,6 @@ def layer_report(fn: Callable, params: PyTree, inputs: PyTree) -> dict[str, str]
 # --------------------------------------------------------------------------------- helpers
 
 
-def _check_batch_size(batch_size: Any) -> int | None:
-    if batch_size is None:
-        return None
-    if (
-        not isinstance(batch_size, (int, np.integer))
-        or isinstance(batch_size, bool)
-        or (batch_size < 1)
-    ):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
-    return int(batch_size)
-
-
-def _probe(fn: Callable, name: str, params: PyTree, inputs: PyTree) -> Any:
-    """``jax.eval_shape(fn, params, inputs[:1])`` with a readable error."""
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
-    one = lambda a: jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), jnp.result_type(a))  # noqa: E731
-    try:
-        return jax.eval_shape(
-            fn, jax.tree_util.tree_map(spec, params), jax.tree_util.tree_map(one, inputs)
-        )
-    except Exception as e:  # noqa: BLE001 - any failure of user code is reported the same way
-        raise ValueError(
-            f"{name}(params, inputs[:1]) failed (do params and inputs belong to the same model? "
-            f"inputs need a leading example axis): {type(e).__name__}: {e}"
-        ) from e
-
-
-def _chunked(tree: PyTree, n: int, chunk: int) -> tuple[PyTree, jax.Array]:
-    """Leaves ``(N, ...)`` -> ``(n_chunks, chunk, ...)``, padded with example 0, and the mask."""
-    n_chunks = -(-n // chunk)
-    total = n_chunks * chunk
-
-    def one(x):
-        if x is None:
-            return None
-        if total > n:
-            idx = np.arange(total)
-            idx[idx >= n] = 0
-            x = x[idx]
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-    mask = jnp.asarray(np.arange(total) < n).reshape(n_chunks, chunk)
-    return jax.tree_util.tree_map(one, tree), mask
-
-
 def _rows(x: jax.Array, order: tuple[int, ...], width: int, dtype: Any) -> jax.Array:
     """Per-example ``x`` ``(B, *shape)`` -> ``(B, R, width)`` with the dims ``order``-ed."""
     x = jnp.transpose(x, (0, *(1 + d for d in order)))
@@ -247,24 +213,6 @@ def _outer_sum(x: jax.Array) -> jax.Array:
     """``Σ_rows x_r x_rᵀ`` for ``x`` of shape ``(..., d)``, in full precision."""
     x = x.reshape(-1, x.shape[-1])
     return jnp.einsum("ri,rj->ij", x, x, precision=_HIGHEST)
-
-
-def _scan_sum(fn: Callable, xs: Any, zeros: dict) -> dict:
-    """``Σ_chunks fn(chunk)`` over the leading axis of ``xs`` (one ``lax.scan``)."""
-    n_chunks = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    if n_chunks == 1:
-        return fn(jax.tree_util.tree_map(lambda x: x[0], xs))
-
-    def body(carry, batch):
-        part = fn(batch)
-        return jax.tree_util.tree_map(jnp.add, carry, part), None
-
-    return lax.scan(body, zeros, xs)[0]
-
-
-def _chunk_size(batch_size: int | None, per_example: int, n: int) -> int:
-    chunk = batch_size if batch_size is not None else _CHUNK_BUDGET // max(per_example, 1)
-    return int(min(max(chunk, 1), n))
 
 
 # ------------------------------------------------------------------------------------ gram
@@ -325,32 +273,33 @@ def gram(
       ValueError: bad ``normalize`` / ``tied`` / ``batch_size``; inputs without a common
         leading axis; ``apply_fn(params, inputs[:1])`` failing (e.g. params and inputs of
         different models); tied kernels with ``tied="error"``.
+      jmerge.tree.NonFiniteError: a Gram holds NaN/Inf (non-finite inputs or activations),
+        named by its path. Under ``jax.jit`` / ``jax.vmap`` the check runs in the compiled
+        program (:func:`jmerge.tree.runtime_check_finite`: a ``RuntimeWarning``, a
+        ``checkify`` error under ``checkify.checkify``).
     """
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}.")
-    if tied not in TIED:
-        raise ValueError(f"tied must be one of {TIED}, got {tied!r}.")
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}.")
-    batch_size = _check_batch_size(batch_size)
-    _num_examples(inputs)
+    check_option("normalize", normalize, NORMALIZE)
+    check_option("tied", tied, TIED)
+    check_callable(apply_fn, "apply_fn")
+    batch_size = check_batch_size(batch_size)
+    num_examples(inputs)
     grams = _gram_jit(
         params, inputs, apply_fn=apply_fn, normalize=normalize, batch_size=batch_size, tied=tied
     )
+    runtime_check_finite(grams, name="gram")
     return BlockGram(grams, rest=rest)
 
 
 def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied):
-    n = _num_examples(inputs)
-    _probe(apply_fn, "apply_fn", params, inputs)
+    n = num_examples(inputs)
+    probe(apply_fn, "apply_fn", params, inputs)
     graph = find_layers(apply_fn, params, inputs)
     dense = _select(graph, tied, "gram")
     if not dense:
         return {}
     layers = graph.layers
     per_ex = sum(math.prod(layers[s.layer].operand_shapes[0]) for ss in dense.values() for s in ss)
-    chunk = _chunk_size(batch_size, per_ex, n)
-    xs, mask = _chunked(inputs, n, chunk)
+    xs, mask = chunked(inputs, n, chunk_size(batch_size, per_ex, n))
 
     def chunk_sum(batch):
         x, m = batch
@@ -360,15 +309,12 @@ def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied):
             parts = []
             for s in ss:
                 (a,) = cap.inputs[s.layer]
-                dt = jnp.promote_types(a.dtype, jnp.float32)
-                a = _rows(a, s.act_order, s.d_in, dt)
+                a = _rows(a, s.act_order, s.d_in, compute_dtype(a.dtype))
                 parts.append(jnp.where(m[:, None, None], a, 0))
             out[i] = sum(_outer_sum(a) for a in parts)
         return out
 
-    zeros = jax.eval_shape(chunk_sum, jax.tree_util.tree_map(lambda v: v[0], (xs, mask)))
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    sums = _scan_sum(chunk_sum, (xs, mask), zeros)
+    sums = scan_sum(chunk_sum, (xs, mask))
     scale = 1.0 / n if normalize == "mean" else 1.0
     return {graph.leaf_paths[i]: g * jnp.asarray(scale, g.dtype) for i, g in sums.items()}
 
@@ -433,62 +379,60 @@ def kfac_factors(
 
     Raises:
       ValueError / TypeError: as :func:`gram`; unknown ``kind``; missing ``labels`` / ``key``;
-        labels not of shape ``(N, *token_axes)`` or not integer; logits not
-        ``(1, *token_axes, K)`` floating for one example.
+        labels not of shape ``(N, *token_axes)`` or not integer, or (``"empirical"``) not in
+        ``[0, K)``; logits not ``(1, *token_axes, K)`` floating for one example.
+      jmerge.tree.NonFiniteError: a factor holds NaN/Inf, named by its path.
+
+    Under ``jax.jit`` / ``jax.vmap`` the checks of traced values run in the compiled program
+    (a ``RuntimeWarning``, a ``checkify`` error under ``checkify.checkify``), as in
+    :func:`gram`; labels closed over by the jitted function are checked while it traces.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    if kind == "empirical" and labels is None:
-        raise ValueError('kind="empirical" needs labels of shape (N, *token_axes); got None.')
-    if kind == "sampled" and key is None:
-        raise ValueError('kind="sampled" needs a PRNG key (key=jax.random.key(0)); got None.')
-    if tied not in TIED:
-        raise ValueError(f"tied must be one of {TIED}, got {tied!r}.")
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}.")
-    batch_size = _check_batch_size(batch_size)
-    _num_examples(inputs)
-    factors = _kfac_jit(
+    check_kind(kind, labels, key)
+    check_option("tied", tied, TIED)
+    check_callable(logits_fn, "logits_fn")
+    batch_size = check_batch_size(batch_size)
+    num_examples(inputs)
+    labels = labels if kind == "empirical" else None
+    factors, labels_ok = _kfac_jit(
         params,
         inputs,
-        labels if kind == "empirical" else None,
+        labels,
         key if kind == "sampled" else None,
         logits_fn=logits_fn,
         kind=kind,
         batch_size=batch_size,
         tied=tied,
     )
+    check_labels_range(labels_ok, labels, logits_fn, params, inputs)
+    runtime_check_finite(factors, name="kfac_factors")
     return KFAC(factors, rest=rest)
 
 
 def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied):
-    n = _num_examples(inputs)
-    probe = _probe(logits_fn, "logits_fn", params, inputs)
-    _check_logits(probe, labels, n)
+    n = num_examples(inputs)
+    logits = probe(logits_fn, "logits_fn", params, inputs)
+    _, num_classes = check_logits(logits, labels, n)
+    labels_ok = labels_in_range(labels, num_classes)
     graph = find_layers(logits_fn, params, inputs)
     dense = _select(graph, tied, "kfac_factors")
     if not dense:
-        return {}
+        return {}, labels_ok
     layers = graph.layers
     leaves = jax.tree_util.tree_leaves(params)
-    cols = math.prod(probe.shape[1:]) if kind == "exact" else 1
-    per_ex = math.prod(probe.shape) * cols + sum(
+    cols = math.prod(logits.shape[1:]) if kind == "exact" else 1
+    per_ex = math.prod(logits.shape) * cols + sum(
         math.prod(layers[s.layer].operand_shapes[0]) + cols * layers[s.layer].out_size
         for ss in dense.values()
         for s in ss
     )
-    chunk = _chunk_size(batch_size, per_ex, n)
-    keys = jax.random.split(key, n) if key is not None else None
-    xs, mask = _chunked((inputs, labels, keys), n, chunk)
+    xs, mask = chunk_examples(inputs, labels, key, n, chunk_size(batch_size, per_ex, n))
     wanted = sorted({s.layer for ss in dense.values() for s in ss})
 
     def chunk_sum(batch):
         (x, y, k), m = batch
 
         def one(x_n, y_n, k_n, m_n):
-            logits, vjp, a = graph.run_vjp(leaves, x_n)
-            c = _cotangents(kind, logits, y_n, k_n, m_n)
-            g = jax.vmap(vjp)(c) if kind == "exact" else [gk[None] for gk in vjp(c)]
+            a, g = layer_grads(graph, leaves, kind, x_n, y_n, k_n, m_n)
             return {j: a[j][0] for j in wanted}, {j: g[j] for j in wanted}
 
         a, g = jax.vmap(one)(x, y, k, m)
@@ -497,18 +441,16 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
             a_sum = b_sum = 0
             for s in ss:
                 aj, gj = a[s.layer], g[s.layer]  # (B, *in_shape), (B, C, *out_shape)
-                aj = _rows(aj, s.act_order, s.d_in, jnp.promote_types(aj.dtype, jnp.float32))
+                aj = _rows(aj, s.act_order, s.d_in, compute_dtype(aj.dtype))
                 aj = jnp.where(m[:, None, None], aj, 0)
                 gj = gj.reshape(-1, *gj.shape[2:])
-                gj = _rows(gj, s.out_order, s.d_out, jnp.promote_types(gj.dtype, jnp.float32))
+                gj = _rows(gj, s.out_order, s.d_out, compute_dtype(gj.dtype))
                 a_sum = a_sum + _outer_sum(aj)
                 b_sum = b_sum + _outer_sum(gj)
             out[i] = (a_sum, b_sum)
         return out
 
-    spec = jax.eval_shape(chunk_sum, jax.tree_util.tree_map(lambda v: v[0], (xs, mask)))
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
-    sums = _scan_sum(chunk_sum, (xs, mask), zeros)
+    sums = scan_sum(chunk_sum, (xs, mask))
     out = {}
     for i, (a_sum, b_sum) in sums.items():
         rows = sum(s.rows for s in dense[i])
@@ -516,7 +458,7 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
             a_sum / jnp.asarray(n * rows, a_sum.dtype),
             b_sum / jnp.asarray(n, b_sum.dtype),
         )
-    return out
+    return out, labels_ok
 
 
 _kfac_jit = jax.jit(_kfac_impl, static_argnames=("logits_fn", "kind", "batch_size", "tied"))

@@ -22,17 +22,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jmerge.tree import check_same_shapes
+from jmerge.tree import cast_like, check_same_shapes, compute_dtype
 
 __all__ = ["hvp", "ggn_vp", "fisher_vp"]
 
 PyTree = Any
 
 
-def _cast_like(v: PyTree, like: PyTree) -> PyTree:
-    """Validate that ``v`` is shaped like ``params`` (naming the leaf) and cast to its dtypes."""
-    check_same_shapes(like, v, ref_name="params", name="v", check_dtypes=False)
-    return jax.tree_util.tree_map(lambda x, p: jnp.asarray(x, jnp.result_type(p)), v, like)
+def _tangent(v: PyTree, params: PyTree) -> PyTree:
+    """Validate that ``v`` is shaped like ``params`` (naming the leaf) and cast to its dtypes.
+
+    Shapes only: works on traced ``v`` and ``params`` (``jit``, ``vmap``).
+    """
+    check_same_shapes(params, v, ref_name="params", name="v", check_dtypes=False)
+    return cast_like(v, params)
+
+
+def _gauss_newton(
+    f: Callable[[PyTree], Any], params: PyTree, v: PyTree, curvature: Callable[[Any, Any], Any]
+) -> PyTree:
+    """``Jᵀ M J v`` with ``J = ∂f/∂θ`` at ``params`` and ``M u = curvature(z, u)`` at
+    ``z = f(params)``: one ``jax.jvp`` (z and J v) and one ``jax.vjp`` (Jᵀ u)."""
+    z, jv = jax.jvp(f, (params,), (_tangent(v, params),))
+    _, vjp_fn = jax.vjp(f, params)
+    return vjp_fn(curvature(z, jv))[0]
 
 
 def hvp(
@@ -52,7 +65,7 @@ def hvp(
     Returns:
       A pytree shaped like ``params``: H v with H = ∂²L/∂θ².
     """
-    v = _cast_like(v, params)
+    v = _tangent(v, params)
     grad_fn = jax.grad(lambda p: loss_fn(p, batch))
     return jax.jvp(grad_fn, (params,), (v,))[1]
 
@@ -82,13 +95,9 @@ def ggn_vp(
     Returns:
       G v, shaped like ``params``.
     """
-    v = _cast_like(v, params)
-    f = lambda p: model_fn(p, batch)
-    z, jv = jax.jvp(f, (params,), (v,))
     loss_grad = jax.grad(lambda out: output_loss_fn(out, batch))
-    hjv = jax.jvp(loss_grad, (z,), (jv,))[1]
-    _, vjp_fn = jax.vjp(f, params)
-    return vjp_fn(hjv)[0]
+    hessian_vp = lambda z, jv: jax.jvp(loss_grad, (z,), (jv,))[1]
+    return _gauss_newton(lambda p: model_fn(p, batch), params, v, hessian_vp)
 
 
 def fisher_vp(
@@ -113,13 +122,12 @@ def fisher_vp(
     Returns:
       F v, shaped like ``params``.
     """
-    v = _cast_like(v, params)
-    f = lambda p: logits_fn(p, inputs)
-    z, jv = jax.jvp(f, (params,), (v,))
-    n = z.shape[0]
-    p = jax.nn.softmax(z.astype(jnp.promote_types(z.dtype, jnp.float32)), axis=-1)
-    # (diag p − p pᵀ) u = p ⊙ u − p (pᵀ u), per example and token.
-    jv = jv.astype(p.dtype)
-    m_jv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
-    _, vjp_fn = jax.vjp(f, params)
-    return vjp_fn((m_jv / n).astype(z.dtype))[0]
+
+    def softmax_curvature(z, jv):
+        # (diag p − p pᵀ) u = p ⊙ u − p (pᵀ u), per example and token; mean over examples.
+        p = jax.nn.softmax(z.astype(compute_dtype(z.dtype)), axis=-1)
+        jv = jv.astype(p.dtype)
+        m_jv = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
+        return (m_jv / z.shape[0]).astype(z.dtype)
+
+    return _gauss_newton(lambda p: logits_fn(p, inputs), params, v, softmax_curvature)

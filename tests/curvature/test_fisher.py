@@ -393,6 +393,14 @@ def test_errors():
         fisher_diag(fn, params, x, kind="exact", batch_size=0)
 
 
+def test_labels_out_of_range():
+    fn, params, x, y = mlp()
+    for bad, detail in ((y.at[0].set(3), "max 3"), (y.at[4].set(-1), "min -1")):
+        with pytest.raises(ValueError, match=rf"class ids in \[0, 3\).*1 of 5.*{detail}"):
+            fisher_diag(fn, params, x, bad, kind="empirical")
+    fisher_diag(fn, params, x, y.at[0].set(3), kind="exact")  # labels unused: no check
+
+
 def test_logits_fn_failure_is_wrapped():
     fn, params, x, _ = mlp()
     with pytest.raises(ValueError, match=r"logits_fn\(params, inputs\[:1\]\) failed"):

@@ -12,6 +12,7 @@ from flax import nnx
 from jmerge.curvature.gram import gram, kfac_factors, layer_report
 from jmerge.curvature.operators import KFAC, BlockGram
 from jmerge.merges.closed_form import regmean
+from jmerge.tree import NonFiniteError
 
 F64 = jnp.float64
 K1, K2 = "['params']['Dense_0']['kernel']", "['params']['Dense_1']['kernel']"
@@ -212,6 +213,19 @@ def test_gram_bad_inputs():
         gram(m.apply, p, x, normalize="avg")
     with pytest.raises(ValueError, match="batch_size"):
         gram(m.apply, p, x, batch_size=0)
+
+
+def test_gram_and_kfac_non_finite_and_label_range():
+    m, p, x = _mlp()
+    bad = x.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(NonFiniteError, match=r"gram\[.*Dense_0.*is not finite"):
+        gram(m.apply, p, bad)
+    with pytest.raises(NonFiniteError, match=r"kfac_factors\[.*Dense_0.*is not finite"):
+        kfac_factors(m.apply, p, bad)
+    y = np.array([0, 1, 2, 0, 1, 2, -1])
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 3\).*1 of 7"):
+        kfac_factors(m.apply, p, x, y, kind="empirical")
 
 
 def test_regmean_end_to_end_matches_numpy():
