@@ -28,6 +28,7 @@ from jmerge.curvature.operators import (
     ggn_operator,
     hessian_operator,
     jacobi_preconditioner,
+    mean_diagonal,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "Damped",
     "damped",
     "as_operator",
+    "mean_diagonal",
     "jacobi_preconditioner",
     "hessian_operator",
     "ggn_operator",
