@@ -10,6 +10,7 @@ from jmerge.curvature import fisher_diag, fisher_vp, ggn_vp, hvp
 from jmerge.merges import (
     SOLVER_CG,
     SOLVER_CLOSED_FORM,
+    SOLVER_NAMES,
     Absolute,
     MergeInfo,
     MergeResult,
@@ -46,6 +47,7 @@ __all__ = [
     "MergeInfo",
     "SOLVER_CLOSED_FORM",
     "SOLVER_CG",
+    "SOLVER_NAMES",
     "average",
     "task_arithmetic",
     "negation",

@@ -46,7 +46,9 @@ def test_dataset_sizes_alpha_and_negation_match_formula():
     pre, ft, fish = _problem()
     sizes = np.array([10.0, 20.0, 5.0])
     for alpha in (np.array([0.5, 0.3, 0.9]), np.array([1.0, -0.4, 0.6])):  # α_t < 0: negation
-        res = gradient_matching(pre, ft, fish, alpha=alpha, prior=absolute(2.0), dataset_sizes=sizes)
+        res = gradient_matching(
+            pre, ft, fish, alpha=alpha, prior=absolute(2.0), dataset_sizes=sizes
+        )
         assert int(res.info.solver) == SOLVER_CLOSED_FORM and bool(res.info.converged)
         hs = [{k: n * np.asarray(f[k]) for k in f} for n, f in zip(sizes, fish, strict=True)]
         chex.assert_trees_all_close(res.params, _formula(pre, ft, hs, 2.0, alpha), rtol=1e-10)

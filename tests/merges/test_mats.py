@@ -61,7 +61,11 @@ def test_weight_scale_and_damping():
         res.info["objective"], _objective(want, pre, ft, fish, w, damping=0.7), rtol=1e-10
     )
     # A relative damping is δ = damping · mean diag(Σ_t w_t F_t): the same merge.
-    s = np.mean(np.concatenate([np.ravel(sum(wt * f[k] for wt, f in zip(w, fish))) for k in pre]))
+    s = np.mean(
+        np.concatenate(
+            [np.ravel(sum(wt * f[k] for wt, f in zip(w, fish, strict=True))) for k in pre]
+        )
+    )
     rel = mats(pre, ft, fish, weights=w, damping=0.7 / s, rtol=1e-12)
     chex.assert_trees_all_close(rel.params, want, rtol=1e-10)
 
