@@ -49,6 +49,7 @@ from jmerge.curvature.operators import (
     jacobi_preconditioner,
     mean_diagonal,
 )
+from jmerge.merges import _common
 from jmerge.merges._common import select
 from jmerge.solvers.cg import CONVERGED, MAXITER, NONFINITE, STAGNATED, cg
 from jmerge.tree import (
@@ -113,17 +114,9 @@ class MergeInfo(NamedTuple):
 
 
 def per_model(value: Any, num_models: int, name: str) -> jax.Array:
-    """A scalar or a length-T sequence as a strongly typed float array of shape (T,)."""
-    arr = jnp.asarray(value)
-    if not jnp.issubdtype(arr.dtype, jnp.inexact):
-        arr = arr.astype(jnp.float32)
-    if arr.ndim == 0:
-        arr = jnp.broadcast_to(arr, (num_models,))
-    if arr.shape != (num_models,):
-        raise ValueError(
-            f"{name} must be a scalar or have one entry per model ({num_models}); "
-            f"got shape {tuple(arr.shape)}."
-        )
+    """:func:`jmerge.merges._common.per_model`, strongly typed: a Python scalar and an array
+    of its dtype then hit the same compiled kernel."""
+    arr = _common.per_model(value, num_models, name)
     return jnp.asarray(arr, arr.dtype)
 
 
