@@ -6,6 +6,9 @@ float64 NumPy, without jmerge.
 
 from __future__ import annotations
 
+import re
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +100,103 @@ def dense_mv(v, m):
         res[k] = out[i : i + n].reshape(v[k].shape)
         i += n
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled (SPMD-partitioned) HLO: which collectives a program runs, over which mesh axes
+
+_COLLECTIVE = re.compile(
+    r"= (\([^)]*\)|\S+) "
+    r"(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\((.*)$",
+    re.MULTILINE,
+)
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+_LIST_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,]*\},?)*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+class Collective(NamedTuple):
+    """One collective of compiled HLO: its op, result shape, the mesh axes its device groups
+    span (None if they could not be read), and the ``op_name`` metadata (the jax source op)."""
+
+    op: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...] | None
+    source: str
+
+
+def _group_axes(attrs: str, mesh_shape: dict[str, int] | None) -> tuple[str, ...] | None:
+    """The mesh axes along which the device groups of a collective's attributes vary."""
+    if mesh_shape is None:
+        return None
+    names, dims = list(mesh_shape), tuple(mesh_shape.values())
+    if m := _MESH_GROUPS.search(attrs):
+        sizes = [int(a.split("=")[1]) for a in m.group(1).split(",")]
+        if tuple(sizes) != dims:
+            return None
+        picked = [a.strip().strip("'") for a in m.group(2).split(",") if a.strip()]
+        return tuple(names[int(a.removeprefix("axis_"))] for a in picked)
+    if m := _IOTA_GROUPS.search(attrs):
+        shape = [int(d) for d in m.group(1).split(",")]
+        ids = np.arange(int(np.prod(shape)))
+        reshape = [int(d) for d in m.group(2).split(",")]
+        ids = ids.reshape(reshape)
+        if m.group(3):
+            ids = ids.transpose([int(d) for d in m.group(3).split(",")])
+        groups = ids.reshape(shape).tolist()
+    elif m := _LIST_GROUPS.search(attrs):
+        groups = [[int(i) for i in g.split(",") if i] for g in re.findall(r"\{([\d,]*)\}", m[1])]
+        if not any(groups):  # {} means one group of every device
+            groups = [list(range(int(np.prod(dims))))]
+    else:
+        return None
+    varied = set()
+    for g in groups:
+        coords = np.array(np.unravel_index(np.asarray(g), dims))  # (mesh rank, group size)
+        varied |= {names[a] for a in range(len(dims)) if len(set(coords[a])) > 1}
+    return tuple(n for n in names if n in varied)
+
+
+def collectives(hlo_text: str, mesh_shape: dict[str, int] | None = None) -> list[Collective]:
+    """Every collective in compiled (SPMD-partitioned) HLO text, e.g. ``jax.jit(f).lower(*args)
+    .compile().as_text()``; a combined (tuple-shaped) collective gives one entry per component.
+    With ``mesh_shape`` (``dict(mesh.shape)``, devices in the mesh's order), ``axes`` names the
+    mesh axes its device groups span."""
+    out = []
+    for m in _COLLECTIVE.finditer(hlo_text):
+        attrs = m.group(3)
+        axes = _group_axes(attrs, mesh_shape)
+        src = s.group(1) if (s := _OP_NAME.search(attrs)) else "?"
+        for dims in _SHAPE.findall(m.group(1)):
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            out.append(Collective(m.group(2), shape, axes, src))
+    return out
+
+
+def big_collectives(
+    hlo_text: str,
+    mesh_shape: dict[str, int] | None = None,
+    *,
+    max_elements: int = 8,
+    reduce_over: tuple[str, ...] = (),
+) -> list[Collective]:
+    """The collectives a sharded merge must not run: any with more than ``max_elements``
+    elements, except all-reduces and reduce-scatters whose groups span only the mesh axes in
+    ``reduce_over`` (e.g. ``("data",)`` for curvature sums over examples)."""
+    return [
+        c
+        for c in collectives(hlo_text, mesh_shape)
+        if int(np.prod(c.shape)) > max_elements
+        and not (
+            c.op in ("all-reduce", "reduce-scatter")
+            and c.axes is not None
+            and set(c.axes) <= set(reduce_over)
+        )
+    ]
+
+
+def assert_only_scalar_collectives(hlo_text: str, max_elements: int = 8) -> None:
+    big = big_collectives(hlo_text, max_elements=max_elements)
+    assert not big, f"parameter-sized collectives in the compiled HLO: {big}"

@@ -7,8 +7,6 @@ with ``ShardingTypeError: Contracting dimensions are sharded ...``. jmerge's com
 only scalar all-reduces. ``benchmarks/bench_solvers.py`` does not re-measure this.
 """
 
-import re
-
 import jax
 import numpy as np
 import pytest
@@ -18,34 +16,13 @@ from jax.sharding import PartitionSpec as P
 from jmerge.curvature.operators import BlockGram, Diagonal, MatrixFree
 from jmerge.solvers import CONVERGED, cg
 from jmerge.solvers.cg import _tree_vdot
+from tests.helpers import assert_only_scalar_collectives, collectives
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (host) devices")
 
 SHAPES = {"v": (1024,), "w": {"kernel": (64, 256), "bias": (3,)}, "m": (128, 16)}
 SPECS = {"v": P("x"), "w": {"kernel": P(None, "x"), "bias": P()}, "m": P("x", None)}
 KERNEL = "['w']['kernel']"
-_COLLECTIVE = re.compile(
-    r"= (\([^)]*\)|\S+) "
-    r"(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\("
-)
-_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
-
-
-def collectives(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(op name, result shape) of every collective in compiled (SPMD-partitioned) HLO text; a
-    combined (tuple-shaped) collective gives one entry per component."""
-    return [
-        (m.group(2), tuple(int(d) for d in dims.split(",") if d))
-        for m in _COLLECTIVE.finditer(hlo_text)
-        for dims in _SHAPE.findall(m.group(1))
-    ]
-
-
-def assert_only_scalar_collectives(hlo_text: str) -> None:
-    big = [(op, s) for op, s in collectives(hlo_text) if int(np.prod(s)) > 8]
-    assert not big, f"parameter-sized collectives in the compiled HLO: {big}"
-
-
 def sharded_tree(mesh, seed, transform=lambda x: x, dtype=np.float32):
     """Random leaves (numpy ``transform`` applied on the host) placed with SPECS on ``mesh``."""
     rng = np.random.default_rng(seed)
