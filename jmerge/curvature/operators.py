@@ -646,7 +646,7 @@ def _hutchinson(
         ]
         czs = treedef.flatten_up_to(op.mv(treedef.unflatten(zs)))
         quad = [
-            jnp.vdot(jnp.asarray(z, acc), jnp.asarray(cz, acc))
+            jnp.sum(jnp.asarray(z, acc) * jnp.asarray(cz, acc))  # not vdot: its ravel gathers
             for z, cz, m in zip(zs, czs, keep, strict=True)
             if m
         ]

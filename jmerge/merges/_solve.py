@@ -51,7 +51,7 @@ from jmerge.curvature.operators import (
 )
 from jmerge.merges import _common
 from jmerge.merges._common import select
-from jmerge.solvers.cg import CONVERGED, MAXITER, NONFINITE, STAGNATED, cg
+from jmerge.solvers.cg import CONVERGED, MAXITER, NONFINITE, STAGNATED, _tree_vdot, cg
 from jmerge.tree import (
     TreeMismatchError,
     cast_like,
@@ -283,7 +283,7 @@ def quadratic(terms: Sequence[tuple[Any, PyTree]], theta: PyTree, mask: PyTree) 
         if op is None:
             continue
         d = masked(mask, otu.tree_sub(theta, anchor))
-        total = total + otu.tree_vdot(d, apply(op, d)).astype(total.dtype)
+        total = total + _tree_vdot(d, apply(op, d)).astype(total.dtype)  # no ravel: sharding-safe
     return 0.5 * total
 
 

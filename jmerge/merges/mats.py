@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax.tree_utils as otu
 
 from jmerge.curvature.operators import CurvatureOperator, Damped, Identity, Scaled
 from jmerge.merges._common import MergeResult, prepare, select, weighted_sum
@@ -51,6 +50,7 @@ from jmerge.merges._solve import (
     upcast_op,
     weighted_sum_op,
 )
+from jmerge.solvers.cg import _tree_vdot
 from jmerge.tree import LeafFilter, axpy, cast_like, upcast
 
 __all__ = ["mats"]
@@ -176,7 +176,7 @@ def _mats_kernel(
         d = masked(mask, jax.tree_util.tree_map(jnp.subtract, a, theta_init))
         kd = cast_like(op.mv(d), d)
         rhs = axpy(1.0, kd, rhs)
-        obj_init = obj_init + otu.tree_vdot(d, kd).astype(ct)
+        obj_init = obj_init + _tree_vdot(d, kd).astype(ct)
     obj_init = 0.5 * obj_init
 
     theta, stats = solve(
