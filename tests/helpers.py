@@ -112,7 +112,10 @@ _COLLECTIVE = re.compile(
 )
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}")
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))? "
+    r"\{([^}]*)\}"
+)
 _LIST_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,]*\},?)*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -132,13 +135,19 @@ def _group_axes(attrs: str, mesh_shape: dict[str, int] | None) -> tuple[str, ...
     if mesh_shape is None:
         return None
     names, dims = list(mesh_shape), tuple(mesh_shape.values())
-    if m := _MESH_GROUPS.search(attrs):
+    if m := _MESH_GROUPS.search(attrs):  # mesh['axis_0'=a,...], device_ids=([..]T(..)) {axes}
         sizes = [int(a.split("=")[1]) for a in m.group(1).split(",")]
-        if tuple(sizes) != dims:
-            return None
-        picked = [a.strip().strip("'") for a in m.group(2).split(",") if a.strip()]
-        return tuple(names[int(a.removeprefix("axis_"))] for a in picked)
-    if m := _IOTA_GROUPS.search(attrs):
+        ids = np.arange(int(np.prod(sizes)))
+        if m.group(2):
+            ids = ids.reshape([int(d) for d in m.group(2).split(",")])
+            if m.group(3):
+                ids = ids.transpose([int(d) for d in m.group(3).split(",")])
+        ids = ids.reshape(sizes)
+        picked = [int(a.strip().strip("'").removeprefix("axis_")) for a in m.group(4).split(",")]
+        rest = [d for d in range(len(sizes)) if d not in picked]
+        groups = ids.transpose(rest + picked).reshape(-1, int(np.prod([sizes[d] for d in picked])))
+        groups = groups.tolist()
+    elif m := _IOTA_GROUPS.search(attrs):
         shape = [int(d) for d in m.group(1).split(",")]
         ids = np.arange(int(np.prod(shape)))
         reshape = [int(d) for d in m.group(2).split(",")]
