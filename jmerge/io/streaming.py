@@ -1,0 +1,610 @@
+"""Streaming merges over safetensors checkpoints: one tensor at a time, from memory-mapped files.
+
+:func:`merge_checkpoints` runs a merge configuration (:func:`jmerge.config.load_config`,
+mergekit's YAML) over checkpoint directories and writes a Hugging Face checkpoint directory:
+
+1. **Plan** (nothing is written): open every checkpoint (headers only,
+   :class:`jmerge.io.SafetensorsCheckpoint`), take the tensor names of the donor model (the
+   ``base_model``, else the first model), and check that every model has every tensor with the
+   same shape — or, for ``lm_head.weight``, ties it to its input embeddings as its
+   ``config.json`` says (``tie_word_embeddings``). The principled merges (``fisher``,
+   ``gradient_matching``, ``mats``, ``regmean``) also open each model's curvature file
+   (:mod:`jmerge.io.curvature_files`) and check it covers the tensors. Every problem raises
+   before any output exists, naming the model, the file and the tensor.
+2. **Merge**, tensor by tensor in file order: the inputs are zero-copy ``np.memmap`` views
+   (page cache, not the process's own memory); while tensor i is merged, a thread touches the
+   pages of tensor i+1 so that the disk read overlaps the computation. Each result is cast to
+   the output dtype and written straight to its place in its shard
+   (:class:`jmerge.io.ShardedWriter` with a plan). The process's own (anonymous) memory stays
+   about (inputs + 2) × the largest tensor, however large the checkpoints.
+3. **Commit**: ``config.json`` (``torch_dtype`` set to the output dtype) and the tokenizer files
+   of the donor (or ``tokenizer_source``) are copied into the staging directory, which then
+   replaces ``out`` atomically: an error or a kill at any point leaves the previous ``out`` or
+   nothing.
+
+Arithmetic is float32 (float64 for float64 inputs); the output dtype is ``out_dtype``, else
+``dtype``, else the donor tensor's dtype (mergekit's rule: bf16 checkpoints stay bf16).
+
+Whole-model scales of the principled merges (the mean curvature diagonal that makes ``eps``,
+``damping`` and ``prior`` relative, see :func:`jmerge.absolute`) are computed in a first pass
+over the curvature files, so a streamed merge equals the in-memory merge of the same trees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jmerge.config import MergeConfig, load_config, resolve_parameters
+from jmerge.io._memory import PeakMemory
+from jmerge.io.safetensors import SafetensorsCheckpoint, ShardedWriter
+
+__all__ = ["MergeSummary", "TensorPlan", "MergePlan", "plan_merge", "merge_checkpoints"]
+
+PRINCIPLED = ("fisher", "regmean", "mats", "gradient_matching")
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+)
+"""Files copied from the tokenizer donor (mergekit 0.1.5 ``merge._copy_tokenizer``'s list,
+plus ``vocab.json``)."""
+
+LM_HEAD = "lm_head.weight"
+EMBEDDINGS = (
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+    "model.decoder.embed_tokens.weight",
+    "embed_tokens.weight",
+)
+"""Input-embedding names (Llama/Mistral/Qwen, GPT-2, GPT-NeoX, OPT) that a tied ``lm_head``
+reads."""
+
+_DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
+
+
+class TensorPlan(NamedTuple):
+    """One output tensor: its name, shape, output dtype, and per input model the name it is
+    read under (the input embeddings for a tied ``lm_head``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sources: tuple[str, ...]
+    nbytes_in: int
+
+
+class MergePlan(NamedTuple):
+    """Everything :func:`merge_checkpoints` checked before writing.
+
+    Attributes:
+      config: the validated configuration.
+      donor: directory whose ``config.json`` and layout the output takes.
+      inputs: model reference -> directory, in :attr:`MergeConfig.inputs` order.
+      checkpoints: model reference -> opened checkpoint.
+      tensors: the output tensors, in the donor's file order.
+      num_layers: for parameter gradients (``num_hidden_layers`` or the largest layer index
+        + 1).
+      curvatures: model reference -> opened curvature checkpoint (principled merges).
+    """
+
+    config: MergeConfig
+    donor: Path
+    inputs: dict[str, Path]
+    checkpoints: dict[str, SafetensorsCheckpoint]
+    tensors: tuple[TensorPlan, ...]
+    num_layers: int
+    curvatures: dict[str, Any]
+
+
+class MergeSummary(NamedTuple):
+    """What a merge did (printed by the CLI).
+
+    Attributes:
+      method: the merge method.
+      out: the output directory (None for a dry run).
+      tensors: number of tensors merged (planned, for a dry run).
+      bytes_read: tensor bytes read from the input checkpoints.
+      bytes_written: tensor bytes written.
+      seconds: wall time of the merge (planning included).
+      peak_anon: peak anonymous memory (``RssAnon``) of the process during the merge, bytes.
+      baseline_anon: ``RssAnon`` when the merge started, bytes.
+      largest_tensor: bytes of the largest input tensor.
+      dry_run: nothing was written.
+    """
+
+    method: str
+    out: Path | None
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_anon: int
+    baseline_anon: int
+    largest_tensor: int
+    dry_run: bool
+
+    def format(self) -> str:
+        mb = 1 << 20
+        rate = self.bytes_read / max(self.seconds, 1e-9) / mb
+        lines = [
+            f"method        {self.method}",
+            f"tensors       {self.tensors}"
+            + (" (dry run: nothing written)" if self.dry_run else ""),
+            f"read          {self.bytes_read / mb:,.1f} MiB ({rate:,.1f} MiB/s)",
+            f"written       {self.bytes_written / mb:,.1f} MiB"
+            + (f" -> {self.out}" if self.out else ""),
+            f"time          {self.seconds:.2f} s",
+            f"peak memory   {self.peak_anon / mb:,.1f} MiB anonymous "
+            f"({(self.peak_anon - self.baseline_anon) / mb:,.1f} MiB above the start; "
+            f"largest tensor {self.largest_tensor / mb:,.1f} MiB)",
+        ]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def _model_dir(ref: str, config: MergeConfig) -> Path:
+    """A model reference as a local directory: the path itself, else relative to the config
+    file. Hub ids are not downloaded."""
+    candidates = [Path(ref).expanduser()]
+    if config.source and not Path(ref).is_absolute():
+        candidates.append(Path(config.source).resolve().parent / ref)
+    for c in candidates:
+        if c.is_dir():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"model {ref!r}: no such directory (tried {tried}). jmerge reads local checkpoints; "
+        "download hub models first, e.g. `huggingface-cli download ORG/NAME --local-dir DIR`."
+    )
+
+
+def _hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from e
+
+
+def _ties_embeddings(hf_config: Mapping) -> bool:
+    if "tie_word_embeddings" in hf_config:
+        return bool(hf_config["tie_word_embeddings"])
+    text = hf_config.get("text_config")
+    return bool(isinstance(text, Mapping) and text.get("tie_word_embeddings"))
+
+
+def _source_name(ref: str, ckpt: SafetensorsCheckpoint, hf_config: Mapping, name: str) -> str:
+    if name in ckpt:
+        return name
+    if name == LM_HEAD:
+        embed = next((e for e in EMBEDDINGS if e in ckpt), None)
+        if embed is not None and _ties_embeddings(hf_config):
+            return embed
+        if embed is not None:
+            raise ValueError(
+                f"model {ref!r} has no {LM_HEAD!r} and its config.json does not set "
+                f"tie_word_embeddings: true, so its output embeddings are unknown (the others "
+                f"store {LM_HEAD!r}). Set tie_word_embeddings in {ref}/config.json if its head "
+                f"is tied to {embed!r}, or leave the model out."
+            )
+    raise KeyError(f"model {ref!r} ({ckpt.path}) has no tensor {name!r}.")
+
+
+def _num_layers(hf_config: Mapping, names: Sequence[str]) -> int:
+    from jmerge.config import layer_index
+
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(hf_config.get(key), int):
+            return int(hf_config[key])
+    indices = [i for i in (layer_index(n) for n in names) if i is not None]
+    return max(indices) + 1 if indices else 1
+
+
+def _out_dtype(config: MergeConfig, dtype: np.dtype) -> np.dtype:
+    name = config.out_dtype or config.dtype
+    return _DTYPES[name] if name else np.dtype(dtype)
+
+
+def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
+    """Check a merge before any output is written (the ``--dry-run`` of the CLI).
+
+    Raises:
+      jmerge.config.ConfigError: an invalid configuration.
+      FileNotFoundError: a model directory or curvature file that does not exist.
+      KeyError: a model lacks a tensor of the donor (naming both).
+      ValueError: shapes differ across models (naming the tensor and every shape), an
+        untied/tied ``lm_head`` mismatch, a curvature file that does not cover a tensor.
+      jmerge.io.CheckpointError: a corrupt checkpoint (naming the file and tensor).
+    """
+    if not isinstance(config, MergeConfig):
+        config = load_config(config)
+    inputs = {ref: _model_dir(ref, config) for ref in config.inputs}
+    checkpoints = {ref: SafetensorsCheckpoint(d) for ref, d in inputs.items()}
+    hf = {ref: _hf_config(d) for ref, d in inputs.items()}
+    donor_ref = config.base_model or config.inputs[0]
+    donor = checkpoints[donor_ref]
+    donor_ties = LM_HEAD not in donor and _ties_embeddings(hf[donor_ref])
+    for ref, ckpt in checkpoints.items():
+        if ref != donor_ref and donor_ties and LM_HEAD in ckpt:
+            raise ValueError(
+                f"model {ref!r} stores its own {LM_HEAD!r} but the donor {donor_ref!r} ties it "
+                "to the input embeddings (tie_word_embeddings: true), so the merged model has "
+                f"no {LM_HEAD!r} and {ref!r}'s head would be dropped. Make the donor untied "
+                "(save its lm_head and set tie_word_embeddings: false) or leave the model out."
+            )
+    tensors = []
+    for name in donor.names:
+        sources = tuple(
+            _source_name(ref, checkpoints[ref], hf[ref], name) for ref in config.inputs
+        )
+        shapes = {
+            ref: checkpoints[ref].shape(src)
+            for ref, src in zip(config.inputs, sources, strict=True)
+        }
+        if len(set(shapes.values())) > 1:
+            listed = "; ".join(f"{r}: {s}" for r, s in shapes.items())
+            raise ValueError(f"tensor {name!r} has different shapes across models: {listed}.")
+        nbytes = sum(
+            checkpoints[ref].nbytes(src) for ref, src in zip(config.inputs, sources, strict=True)
+        )
+        tensors.append(
+            TensorPlan(name, donor.shape(name), _out_dtype(config, donor.dtype(name)), sources,
+                       nbytes)
+        )
+    curvatures = {}
+    if config.merge_method in PRINCIPLED:
+        curvatures = _open_curvatures(config, inputs, tensors)
+    return MergePlan(
+        config, inputs[donor_ref], inputs, checkpoints, tuple(tensors),
+        _num_layers(hf[donor_ref], donor.names), curvatures,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature files (principled merges)
+
+
+class _Curvature(NamedTuple):
+    kind: str  # "fisher" | "gram" | "kfac"
+    checkpoint: SafetensorsCheckpoint
+    rest: float
+
+
+def _curvature_kind(config: MergeConfig) -> str:
+    method = config.merge_method
+    if method == "regmean":
+        return "gram"
+    if method == "mats":
+        params = config.parameters or {}
+        kind = params.get("curvature", "fisher")
+        return str(kind)
+    return "fisher"
+
+
+def _open_curvatures(config: MergeConfig, inputs: Mapping[str, Path], tensors) -> dict:
+    from jmerge.io.curvature_files import curvature_path
+
+    kind = _curvature_kind(config)
+    refs = list(config.stack)
+    if config.merge_method == "gradient_matching" and config.base_model is not None:
+        base_file = curvature_path(inputs[config.base_model], "fisher")
+        if base_file.is_file():
+            refs.append(config.base_model)  # the pretrained model's Fisher: the paper's prior
+    out = {}
+    for ref in refs:
+        path = curvature_path(inputs[ref], kind)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{config.merge_method}: model {ref!r} has no {kind} curvature file {path}; "
+                "write one with jmerge.io.compute_and_save_curvature(..., kind="
+                f"{kind!r}) or jmerge.io.save_curvature."
+            )
+        ckpt = SafetensorsCheckpoint(path)
+        rest = float(ckpt.metadata.get("jmerge.rest", "1.0"))
+        if kind == "fisher":
+            for t in tensors:
+                if t.name not in ckpt:
+                    raise KeyError(f"{path}: no Fisher for tensor {t.name!r} of model {ref!r}.")
+                if ckpt.shape(t.name) != t.shape:
+                    raise ValueError(
+                        f"{path}: the Fisher of {t.name!r} has shape {ckpt.shape(t.name)}, the "
+                        f"tensor {t.shape}."
+                    )
+        out[ref] = _Curvature(kind, ckpt, rest)
+    return out
+
+
+def _layout(name: str, shape: tuple[int, ...], d_in: int) -> str:
+    """How a 2-D block factor applies to a tensor: Flax kernels are (in..., out) (a ``kernel``
+    or any name whose leading dims multiply to d_in), PyTorch/HF ``*.weight`` matrices are
+    (out, in) and are transposed around the solve."""
+    if name.endswith(".weight") and len(shape) == 2 and shape[1] == d_in:
+        return "torch"
+    if math.prod(shape[:-1]) == d_in:
+        return "kernel"
+    raise ValueError(
+        f"curvature block of {name!r} is {d_in}x{d_in}, which fits neither a (d_in, ...) kernel "
+        f"nor a (out, d_in) weight of shape {shape}."
+    )
+
+
+def _operator(curv: _Curvature, name: str, shape: tuple[int, ...]):
+    """(operator on the one-leaf tree {'w': x}, transpose?) for tensor ``name``."""
+    from jmerge.curvature import KFAC, BlockGram, Diagonal
+
+    ckpt = curv.checkpoint
+    if curv.kind == "fisher":
+        return Diagonal({"w": jnp.asarray(ckpt.get(name))}), False
+    suffixes = ("gram",) if curv.kind == "gram" else ("kfac_in", "kfac_out")
+    keys = [f"{name}.{s}" for s in suffixes]
+    if not all(k in ckpt for k in keys):
+        if curv.kind == "gram":
+            return BlockGram({}, rest=curv.rest), False
+        return KFAC({}, rest=curv.rest), False
+    factors = [jnp.asarray(ckpt.get(k)) for k in keys]
+    torch = _layout(name, shape, int(factors[0].shape[0])) == "torch"
+    if curv.kind == "gram":
+        return BlockGram({"['w']": factors[0]}, rest=curv.rest), torch
+    return KFAC({"['w']": tuple(factors)}, rest=curv.rest), torch
+
+
+def _trace_sum(op, x: jax.Array) -> float:
+    """tr(C) restricted to this tensor (exact: every kind here has a diagonal)."""
+    return float(jnp.sum(op.diag({"w": x})["w"]))
+
+
+def _global_scale(plan: MergePlan, weights_of: Callable[[TensorPlan], np.ndarray]) -> float:
+    """s = mean diag(Σ_t |w_t| C_t) over every entry of the model (jmerge's relative unit,
+    :func:`jmerge.curvature.mean_diagonal`), from a pass over the curvature files."""
+    total, count = 0.0, 0
+    stack = plan.config.stack
+    for t in plan.tensors:
+        w = np.abs(weights_of(t))
+        x = jnp.zeros(t.shape, jnp.float32)
+        for i, ref in enumerate(stack):
+            op, torch = _operator(plan.curvatures[ref], t.name, t.shape)
+            total += float(w[i]) * _trace_sum(op, x.T if torch else x)
+        count += math.prod(t.shape)
+    s = total / max(count, 1)
+    return s if s > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-tensor merges
+
+
+def _key_for(seed: int, name: str) -> jax.Array:
+    """The random methods' key of one tensor: fixed by the seed and the tensor's name, so a
+    tensor's mask does not depend on which tensors come before it."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _principled(plan: MergePlan, scale: float, t: TensorPlan, base, stack, params) -> jax.Array:
+    import jmerge
+    from jmerge.merges import absolute
+
+    method, g = plan.config.merge_method, params.global_
+    w = jnp.asarray(params.per_model["weight"])
+    ops, flags = zip(
+        *(_operator(plan.curvatures[ref], t.name, t.shape) for ref in plan.config.stack),
+        strict=True,
+    )
+    torch = any(flags)
+    tr = (lambda x: x.T) if torch else (lambda x: x)
+    models = [{"w": tr(x)} for x in stack]
+    theta0 = None if base is None else {"w": tr(base)}
+    if method == "fisher":
+        fishers = [op.diag(m) for op, m in zip(ops, models, strict=True)]
+        out = jmerge.fisher_merge(models, fishers, weights=w, eps=absolute(g["eps"] * scale))
+    elif method == "regmean":
+        out = jmerge.regmean(models, list(ops), weights=w, alpha=g["alpha"],
+                             ridge=g["ridge"])
+    elif method == "mats":
+        out = jmerge.mats(theta0, models, list(ops), weights=w, init=g["init"],
+                          damping=absolute(g["damping"] * scale), maxiter=int(g["maxiter"]),
+                          rtol=g["rtol"]).params
+    else:  # gradient_matching, diagonal
+        prior: Any = absolute(g["prior"] * scale)
+        base_curv = plan.curvatures.get(plan.config.base_model)
+        if base_curv is not None:
+            f0 = jnp.asarray(base_curv.checkpoint.get(t.name), jnp.float32)
+            prior = {"w": tr(f0) + g["prior"] * scale}
+        out = jmerge.gradient_matching(theta0, models, list(ops), alpha=w, prior=prior,
+                                       maxiter=int(g["maxiter"]), rtol=g["rtol"]).params
+    return tr(out["w"])
+
+
+def _merge_one(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays) -> jax.Array:
+    from jmerge.merges.mergekit import merge_tensor
+
+    config = plan.config
+    params = resolve_parameters(config, t.name, plan.num_layers)
+    by_ref = dict(zip(config.inputs, arrays, strict=True))
+    base = None if config.base is None else jnp.asarray(by_ref[config.base])
+    stack = [jnp.asarray(by_ref[ref]) for ref in config.stack]
+    if config.merge_method in PRINCIPLED:
+        return _principled(plan, scale, t, base, stack, params)
+    key = _key_for(seed, t.name) if config.spec.random else None
+    return merge_tensor(config.merge_method, base, jnp.stack(stack), params.per_model,
+                        params.global_, key=key)
+
+
+def _scale_for(plan: MergePlan) -> float:
+    method = plan.config.merge_method
+    if method not in ("fisher", "mats", "gradient_matching"):
+        return 1.0
+
+    def weights_of(t: TensorPlan) -> np.ndarray:
+        w = resolve_parameters(plan.config, t.name, plan.num_layers).per_model["weight"]
+        w = np.asarray(w, np.float64)
+        return w / w.sum() if method == "fisher" else w
+
+    return _global_scale(plan, weights_of)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming loop
+
+
+def _touch(arrays: Sequence[np.ndarray]) -> None:
+    """Fault in every page of the memory-mapped ``arrays`` (one byte per 4 KiB page): the
+    kernel reads them into the page cache, which is file-backed, not this process's memory."""
+    for a in arrays:
+        flat = a.reshape(-1).view(np.uint8)
+        if flat.size:
+            int(flat[::4096].sum())
+
+
+class _Prefetcher:
+    """Touches the pages of the next tensor's inputs in a thread while the current one merges."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+
+    def start(self, arrays: Sequence[np.ndarray]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=_touch, args=(list(arrays),), daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _views(plan: MergePlan, t: TensorPlan) -> list[np.ndarray]:
+    return [
+        plan.checkpoints[ref].get(src)
+        for ref, src in zip(plan.config.inputs, t.sources, strict=True)
+    ]
+
+
+def _copy_extras(plan: MergePlan, writer: ShardedWriter, out_dtype: str | None) -> None:
+    """config.json (torch_dtype set) and the tokenizer donor's files, as mergekit does."""
+    config = plan.config
+    cfg_path = plan.donor / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if out_dtype:
+            cfg["torch_dtype"] = out_dtype
+        (writer.stage_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    donor = plan.donor
+    source = config.tokenizer_source
+    if source not in (None, "base", "union") and source in plan.inputs:
+        donor = plan.inputs[source]
+    elif source not in (None, "base", "union"):
+        donor = _model_dir(source, config)
+    for name in TOKENIZER_FILES:
+        if (donor / name).is_file():
+            writer.copy_in(donor / name)
+
+
+def merge_checkpoints(
+    config: str | os.PathLike | Mapping | MergeConfig,
+    out: str | os.PathLike | None,
+    *,
+    dry_run: bool = False,
+    progress: bool = True,
+    max_shard_size: int | str = "5GB",
+    seed: int = 0,
+    overwrite: bool = True,
+) -> MergeSummary:
+    """Run a merge configuration over safetensors checkpoints, streaming tensor by tensor.
+
+    The module docstring gives the three phases (plan, merge, commit) and the memory bound.
+
+    Args:
+      config: a YAML path, a dict, or a :class:`jmerge.config.MergeConfig`.
+      out: the output directory (replaced atomically; ignored for a dry run).
+      dry_run: plan and validate only; nothing is written.
+      progress: a tqdm bar over tensors with bytes per second.
+      max_shard_size: bytes of tensor data per output shard (``"5GB"``, as transformers).
+      seed: for the random methods (DARE, DELLA): a tensor's mask depends on the seed and
+        its name only.
+      overwrite: replace an existing ``out`` (default, as mergekit); if False an existing
+        non-empty ``out`` is an error.
+
+    Returns:
+      :class:`MergeSummary`.
+
+    Raises:
+      Every error of :func:`plan_merge` (before anything is written), and errors of the merge
+      functions themselves (non-finite results, ...) — then nothing is written either.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        plan = plan_merge(config)
+        largest = max((c.nbytes(s) for t in plan.tensors
+                       for c, s in zip(plan.checkpoints.values(), t.sources, strict=True)),
+                      default=0)
+        bytes_in = sum(t.nbytes_in for t in plan.tensors)
+        written = 0
+        if not dry_run:
+            if out is None:
+                raise ValueError("out: an output directory is needed unless dry_run=True.")
+            scale = _scale_for(plan)
+            out_dtype = plan.config.out_dtype or plan.config.dtype
+            layout = [(t.name, t.shape, t.dtype) for t in plan.tensors]
+            bar = tqdm(total=bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"jmerge {plan.config.merge_method}", disable=not progress)
+            prefetch = _Prefetcher()
+            with ShardedWriter(out, plan=layout, max_shard_size=max_shard_size,
+                               overwrite=overwrite) as writer:
+                views = _views(plan, plan.tensors[0]) if plan.tensors else []
+                for i, t in enumerate(plan.tensors):
+                    if i + 1 < len(plan.tensors):
+                        nxt = _views(plan, plan.tensors[i + 1])
+                        prefetch.start(nxt)
+                    merged = _merge_one(plan, scale, seed, t, views)
+                    if not bool(jnp.all(jnp.isfinite(merged))):
+                        raise FloatingPointError(
+                            f"{plan.config.merge_method}: the merged tensor {t.name!r} has "
+                            "NaN or Inf entries; nothing was written."
+                        )
+                    result = np.asarray(jax.device_get(merged.astype(t.dtype)))
+                    writer.add(t.name, result)
+                    written += math.prod(t.shape) * t.dtype.itemsize
+                    del merged, result
+                    bar.update(t.nbytes_in)
+                    prefetch.wait()
+                    if i + 1 < len(plan.tensors):
+                        views = nxt
+                _copy_extras(plan, writer, out_dtype)
+            bar.close()
+    return MergeSummary(
+        plan.config.merge_method, None if dry_run else Path(out), len(plan.tensors), bytes_in,
+        written, time.perf_counter() - start, mem.peak, mem.baseline, largest, dry_run,
+    )
