@@ -221,8 +221,8 @@ class StagedDir:
 
 
 def remove_stale(path: str | os.PathLike) -> list[Path]:
-    """Delete the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` siblings of ``path`` that a
-    killed writer left behind; returns what was deleted.
+    """Delete the hidden ``.<name>.tmp-*`` / ``.old-*`` / ``.new-*`` siblings of ``path`` that
+    a killed writer left behind; returns what was deleted.
 
     Only call this when no other process is writing ``path``: a live writer's staging
     directory looks the same.
@@ -231,7 +231,7 @@ def remove_stale(path: str | os.PathLike) -> list[Path]:
     gone = []
     for p in path.parent.glob(f".{path.name}.*-*"):
         tag = p.name[len(path.name) + 2 :].split("-", 1)[0]
-        if tag in ("tmp", "old"):
+        if tag in ("tmp", "old", "new"):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:

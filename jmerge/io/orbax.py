@@ -105,7 +105,8 @@ def restore_orbax(path: str | os.PathLike, target: chex.ArrayTree | None = None)
         is a cast on restore.
 
     Returns:
-      The restored pytree of ``jax.Array``.
+      The restored pytree: ``jax.Array`` leaves (on the target's sharding, or as saved), and
+      ``np.ndarray`` where the target leaf has no sharding or the leaf was saved from NumPy.
 
     Raises:
       FileNotFoundError: no checkpoint at ``path``.
