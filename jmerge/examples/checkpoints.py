@@ -115,7 +115,9 @@ def write_llama(
             w.add(name, x.astype(np_dtype))
             del x
         (w.stage_dir / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
+        # Tokenizer files for the copy step (placeholders: no tokenizer is built from them).
         (w.stage_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+        (w.stage_dir / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {}}))
     return out
 
 
