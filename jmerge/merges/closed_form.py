@@ -329,7 +329,13 @@ def _regmean_leaf(
         lam = jnp.asarray(ridge.value, ct) * factor
     else:
         lam = resolve(ridge, scale * factor, ct)
-    merged = jnp.linalg.solve(a + lam * eye, b + lam * w_bar)
+    # x = A⁻¹ rhs as a d×d inverse times rhs, plus one step of iterative refinement (backward
+    # error of a direct solve): a matmul keeps rhs's column (output-axis) sharding, whereas
+    # XLA's SPMD partitioner all-gathers the right-hand sides of a triangular solve.
+    lhs, rhs = a + lam * eye, b + lam * w_bar
+    inv = jnp.linalg.solve(lhs, eye)
+    merged = inv @ rhs
+    merged = merged + inv @ (rhs - lhs @ merged)
     return merged.reshape(x.shape[1:]).astype(x.dtype)
 
 
