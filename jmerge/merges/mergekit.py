@@ -245,14 +245,34 @@ def _della_probs(delta: jax.Array, density: jax.Array, epsilon: jax.Array) -> ja
 # Generalized task arithmetic (merge_methods/generalized_task_arithmetic.py)
 
 
-@partial(jax.jit, static_argnames=("consensus", "normalize", "rescale"))
-def _gta_kernel(base, tensors, weights, keep, active, lam, *, consensus, normalize, rescale):
-    """GeneralizedTaskArithmeticMerge.merge_group after the sparsification masks are known."""
+_GTA_STATIC = ("kind", "static_d", "static_g", "consensus", "normalize", "rescale")
+
+
+@partial(jax.jit, static_argnames=_GTA_STATIC)
+def _gta_kernel(base, tensors, weights, d, e, masks, key, lam, *, kind, static_d, static_g,
+                consensus, normalize, rescale):
+    """GeneralizedTaskArithmeticMerge.merge_group (one compiled program per shape and
+    static setting): sparsify each δ_t (``kind``), weight, elect signs, sum, normalise."""
     out = _out_dtype(base, tensors)
     wd = compute_dtype(out)
     b = base.astype(wd)
     delta = tensors.astype(wd) - b
-    if keep is not None:
+    if kind is not None:
+        if kind == "magnitude":
+            keep, active = _magnitude_keep(delta, static_d), jnp.asarray(static_d) < 1
+        elif kind == "outliers":
+            keep, active = _outlier_keep(delta, static_d, static_g), jnp.asarray(static_d) < 1
+        else:  # "random" (sparsify.bernoulli) or "della" (sparsify.della_magprune)
+            if masks is None:
+                u = jax.random.uniform(key, delta.shape, jnp.float32)
+                p = (_bcast(d, delta.ndim).astype(jnp.float32) if kind == "random"
+                     else _della_probs(delta, d, e))
+                keep = u < p
+            else:
+                keep = masks
+            if kind == "della":
+                keep = keep & _bcast(d > 0, delta.ndim)  # density <= 0: zeros
+            active = d < 1
         sparse = _rescaled(delta, keep, rescale)
         delta = jnp.where(_bcast(active, delta.ndim), sparse, delta)
     w = _bcast(weights.astype(wd), delta.ndim)
@@ -289,13 +309,19 @@ def _gta(
     base: ArrayLike,
     tensors: ArrayLike,
     weights: ArrayLike,
-    keep_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None,
     *,
+    kind: str | None = None,
+    densities: ArrayLike = 1.0,
+    gammas: ArrayLike = 0.0,
+    epsilons: ArrayLike = 0.0,
+    key: jax.Array | None = None,
+    masks: ArrayLike | None = None,
     consensus: str | None,
     normalize: bool,
     rescale: bool,
     lambda_: ArrayLike,
 ) -> jax.Array:
+    """Validate the arguments of a generalized-task-arithmetic method and run the kernel."""
     tensors = _stack(tensors)
     base = _base(base, tensors)
     n = tensors.shape[0]
@@ -304,60 +330,18 @@ def _gta(
         _check_consensus(consensus)
     if n == 0:
         return base.astype(_out_dtype(base, tensors))
-    keep = active = None
-    if keep_fn is not None:
-        delta = tensors.astype(compute_dtype(_out_dtype(base, tensors))) - base
-        keep, active = keep_fn(delta, n)
-    return _gta_kernel(
-        base, tensors, weights, keep, active, jnp.asarray(lambda_),
-        consensus=consensus, normalize=bool(normalize), rescale=bool(rescale),
-    )
-
-
-def _magnitude_fn(method: str, densities: ArrayLike):
-    def keep_fn(delta, n):
-        ds = _static_per_model(densities, n, "densities", method)
-        return _magnitude_keep(delta, ds), jnp.asarray([d < 1 for d in ds])
-    return keep_fn
-
-
-def _outlier_fn(method: str, densities: ArrayLike, gammas: ArrayLike):
-    def keep_fn(delta, n):
-        ds = _static_per_model(densities, n, "densities", method)
-        gs = _static_per_model(gammas, n, "gammas", method)
-        return _outlier_keep(delta, ds, gs), jnp.asarray([d < 1 for d in ds])
-    return keep_fn
-
-
-def _random_masks(method: str, key, masks, shape) -> tuple[jax.Array | None, jax.Array | None]:
-    if (key is None) == (masks is None):
-        raise ValueError(f"{method} needs exactly one of key= (a jax.random key) or masks= "
-                         f"(a boolean array of shape {tuple(shape)}); got "
-                         f"{'both' if key is not None else 'neither'}.")
-    if masks is not None:
-        m = jnp.asarray(masks)
-        if m.shape != tuple(shape):
-            raise ValueError(f"{method}: masks must have shape {tuple(shape)} (one mask per "
-                             f"model, like tensors); got {tuple(m.shape)}.")
-        return None, m.astype(bool)
-    return jax.random.uniform(key, shape, jnp.float32), None
-
-
-def _bernoulli_fn(method: str, densities: ArrayLike, key, masks):
-    def keep_fn(delta, n):
-        d = _per_model(densities, n, f"{method}: densities")
-        u, m = _random_masks(method, key, masks, delta.shape)
-        if m is None:  # torch.bernoulli(full_like(x, density)): keep with probability density
-            m = u < _bcast(d, delta.ndim).astype(jnp.float32)
-        return m, d < 1
-    return keep_fn
-
-
-def _della_fn(method: str, densities: ArrayLike, epsilons: ArrayLike, key, masks):
-    def keep_fn(delta, n):
+    static_d = static_g = None
+    d = e = None
+    if kind in ("magnitude", "outliers"):
+        static_d = _static_per_model(densities, n, "densities", method)
+        if any(v < 0 for v in static_d):
+            raise ValueError(f"{method}: densities must be >= 0; got {list(static_d)}.")
+        if kind == "outliers":
+            static_g = _static_per_model(gammas, n, "gammas", method)
+    elif kind in ("random", "della"):
         d = _per_model(densities, n, f"{method}: densities")
         e = _per_model(epsilons, n, f"{method}: epsilons")
-        if not is_traced(d) and not is_traced(e):
+        if kind == "della" and not is_traced(d) and not is_traced(e):
             dn, en = np.asarray(d, np.float64), np.asarray(e, np.float64)
             bad = (dn > 0) & (dn < 1) & ((dn + en >= 1) | (dn - en <= 0))
             if np.any(bad):
@@ -367,12 +351,21 @@ def _della_fn(method: str, densities: ArrayLike, epsilons: ArrayLike, key, masks
                     f"(0, 1) (mergekit sparsify.della_magprune); model {i} has density "
                     f"{dn[i]:g}, epsilon {en[i]:g}."
                 )
-        u, m = _random_masks(method, key, masks, delta.shape)
-        if m is None:
-            m = u < _della_probs(delta, d, e)
-        m = m & _bcast(d > 0, delta.ndim)  # density <= 0: zeros
-        return m, d < 1
-    return keep_fn
+        if (key is None) == (masks is None):
+            raise ValueError(f"{method} needs exactly one of key= (a jax.random key) or masks= "
+                             f"(a boolean array of shape {tuple(tensors.shape)}); got "
+                             f"{'both' if key is not None else 'neither'}.")
+        if masks is not None:
+            masks = jnp.asarray(masks)
+            if masks.shape != tensors.shape:
+                raise ValueError(f"{method}: masks must have shape {tuple(tensors.shape)} (one "
+                                 f"mask per model, like tensors); got {tuple(masks.shape)}.")
+            masks = masks.astype(bool)
+    return _gta_kernel(
+        base, tensors, weights, d, e, masks, key, jnp.asarray(lambda_), kind=kind,
+        static_d=static_d, static_g=static_g, consensus=consensus,
+        normalize=bool(normalize), rescale=bool(rescale),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +429,7 @@ def task_arithmetic(
     Returns:
       (*s), the promoted dtype of base and tensors.
     """
-    return _gta("task_arithmetic", base, tensors, weights, None, consensus=None,
+    return _gta("task_arithmetic", base, tensors, weights, consensus=None,
                 normalize=normalize, rescale=False, lambda_=lambda_)
 
 
@@ -470,7 +463,7 @@ def ties(
       (*s), the promoted dtype of base and tensors.
     """
     del int8_mask
-    return _gta("ties", base, tensors, weights, _magnitude_fn("ties", densities),
+    return _gta("ties", base, tensors, weights, kind="magnitude", densities=densities,
                 consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -500,8 +493,8 @@ def dare_linear(
     Returns:
       (*s), the promoted dtype of base and tensors.
     """
-    return _gta("dare_linear", base, tensors, weights,
-                _bernoulli_fn("dare_linear", densities, key, masks), consensus=None,
+    return _gta("dare_linear", base, tensors, weights, kind="random", densities=densities,
+                key=key, masks=masks, consensus=None,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -523,8 +516,8 @@ def dare_ties(
     sign election and (with ``normalize``, default False here) division by the agreeing weights.
     """
     del int8_mask
-    return _gta("dare_ties", base, tensors, weights,
-                _bernoulli_fn("dare_ties", densities, key, masks), consensus=consensus,
+    return _gta("dare_ties", base, tensors, weights, kind="random", densities=densities,
+                key=key, masks=masks, consensus=consensus,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -545,8 +538,8 @@ def breadcrumbs(
     keep the next ⌊density_t·n⌋ and drop the rest; density ≥ 1 keeps all. Then
     θ = θ0 + λ Σ_t w_t δ̃_t [/ Σ_t w_t]. ``densities`` and ``gammas`` must be concrete.
     """
-    return _gta("breadcrumbs", base, tensors, weights,
-                _outlier_fn("breadcrumbs", densities, gammas), consensus=None,
+    return _gta("breadcrumbs", base, tensors, weights, kind="outliers", densities=densities,
+                gammas=gammas, consensus=None,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -566,8 +559,8 @@ def breadcrumbs_ties(
     """mergekit ``breadcrumbs_ties``: :func:`breadcrumbs`' trimming with :func:`ties`' sign
     election (``normalize`` default False, as in mergekit)."""
     del int8_mask
-    return _gta("breadcrumbs_ties", base, tensors, weights,
-                _outlier_fn("breadcrumbs_ties", densities, gammas), consensus=consensus,
+    return _gta("breadcrumbs_ties", base, tensors, weights, kind="outliers", densities=densities,
+                gammas=gammas, consensus=consensus,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -597,8 +590,8 @@ def della(
     concrete), as mergekit does.
     """
     del int8_mask
-    return _gta("della", base, tensors, weights,
-                _della_fn("della", densities, epsilons, key, masks), consensus=consensus,
+    return _gta("della", base, tensors, weights, kind="della", densities=densities,
+                epsilons=epsilons, key=key, masks=masks, consensus=consensus,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -617,8 +610,8 @@ def della_linear(
 ) -> jax.Array:
     """mergekit ``della_linear``: :func:`della`'s drop without sign election; θ = θ0 +
     λ Σ_t w_t δ̃_t [/ Σ_t w_t if ``normalize``, default False]."""
-    return _gta("della_linear", base, tensors, weights,
-                _della_fn("della_linear", densities, epsilons, key, masks), consensus=None,
+    return _gta("della_linear", base, tensors, weights, kind="della", densities=densities,
+                epsilons=epsilons, key=key, masks=masks, consensus=None,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
