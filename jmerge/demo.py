@@ -1,10 +1,20 @@
-"""``python -m jmerge.demo`` / ``jmerge-demo``: every merge on the digits benchmark, in one table.
+"""``python -m jmerge.demo`` / ``jmerge-demo``: the digits merge-quality suite in one table.
 
-Pretrains a small MLP on scikit-learn's 8×8 digits, fine-tunes it on N input views (rotation,
-flips, inversion, pixel permutation, noise; :mod:`jmerge.examples.digits`), computes each
-task's curvature (diagonal Fisher, empirical and exact; a matrix-free Fisher operator;
-RegMean Gram matrices of the Dense inputs) and merges the backbones with every method, heads
-excluded (``exclude=r"head"``; each task is evaluated with its own fine-tuned head).
+By default this runs ``benchmarks/quality/digits.py`` in its quick mode (MLP backbone, six
+input and label tasks on scikit-learn's 8×8 digits, θ0 pretrained on a broad mixture, every
+merge with its hyperparameters chosen on a validation split and reported on test; a few
+minutes on 2 CPU cores) and prints the comparison table with the validation-chosen settings;
+``--full`` runs the full sizes (eight tasks, three seeds, full grids), ``--backbone
+mlp|cnn|vit|all`` picks the backbone. The suite lives in the source tree
+(``benchmarks/quality``); from an install without it, or with ``--classic``, the demo runs
+the older single table below.
+
+Classic table (``--classic``): pretrains a small MLP on scikit-learn's 8×8 digits, fine-tunes
+it on N input views (rotation, flips, inversion, pixel permutation, noise;
+:mod:`jmerge.examples.digits`), computes each task's curvature (diagonal Fisher, empirical and
+exact; a matrix-free Fisher operator; RegMean Gram matrices of the Dense inputs) and merges the
+backbones with every method, heads excluded (``exclude=r"head"``; each task is evaluated with
+its own fine-tuned head).
 
 The table has one row per model or merge: test accuracy per task, the mean normalized
 accuracy (merged / fine-tuned, averaged over tasks) and the wall time of the ``jax.jit``-ed
@@ -22,6 +32,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -207,20 +218,52 @@ def _format_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _quality_suite() -> Any:
+    """``benchmarks.quality.digits`` from the source tree, or None where it is not present."""
+    try:
+        from benchmarks.quality import digits as suite
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        if not (root / "benchmarks" / "quality" / "digits.py").is_file():
+            return None
+        sys.path.insert(0, str(root))
+        from benchmarks.quality import digits as suite
+    return suite
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the digits merging demo and print the table; returns the exit status (0)."""
+    """Run the digits suite (or ``--classic``: the single-table demo); returns 0."""
     parser = argparse.ArgumentParser(prog="jmerge-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="full sizes: 8 tasks, 3 seeds")
+    parser.add_argument(
+        "--backbone", choices=("mlp", "cnn", "vit", "all"), default="mlp", help="suite backbone"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="suite seeds (quick: 1, full: 3)")
+    parser.add_argument("--no-plots", action="store_true", help="suite: no PNG plots")
+    parser.add_argument("--classic", action="store_true", help="the older single-table demo")
     parser.add_argument(
         "--tasks",
         type=int,
         default=6,
-        help=f"number of task views, 1..{len(digits.TASKS)} (default 6)",
+        help=f"classic: number of task views, 1..{len(digits.TASKS)} (default 6)",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer steps and examples (CI)")
+    parser.add_argument("--quick", action="store_true", help="quick sizes (the suite's default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--seed", type=int, default=0, help="seed of split, init and batches")
-    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="backbone")
+    parser.add_argument("--seed", type=int, default=0, help="classic: seed of split and init")
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="classic backbone")
     args = parser.parse_args(argv)
+    suite = None if args.classic else _quality_suite()
+    if suite is not None:
+        sub = [] if args.full and not args.quick else ["--quick"]
+        sub += ["--backbone", args.backbone]
+        sub += [] if args.seeds is None else ["--seeds", str(args.seeds)]
+        sub += ["--no-progress"] if args.no_progress else []
+        sub += ["--no-plots"] if args.no_plots else []
+        return suite.main(sub)
+    return _classic(args, parser)
+
+
+def _classic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not 1 <= args.tasks <= len(digits.TASKS):
         parser.error(f"--tasks must be in [1, {len(digits.TASKS)}]")
     cfg = QUICK if args.quick else FULL

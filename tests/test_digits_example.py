@@ -138,7 +138,7 @@ METHODS = [
 def test_demo_prints_every_method(capsys):
     from jmerge.demo import main
 
-    assert main(["--quick", "--no-progress"]) == 0
+    assert main(["--classic", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("method"))

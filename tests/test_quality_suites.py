@@ -75,3 +75,87 @@ def test_selection_uses_validation_never_test():
     ).setting == {"i": 0}
     with pytest.raises(ValueError):
         _common.select_by_validation([])
+
+
+# ---------------------------------------------------------------------------------------------
+# digits suite, at a micro size (the logic, not the numbers)
+
+
+def _micro_cfg():
+    from benchmarks.quality import digits as q
+
+    return q.QUICK._replace(
+        tasks=("rot90", "parity"),
+        pretrain_steps=60,
+        finetune_steps=50,
+        multitask_steps=50,
+        curv_examples=32,
+        ta_alphas=(0.3, 1.0),
+        fisher_alphas=(1.0,),
+        gm_alphas=(0.5, 1.0),
+        gm_diag_priors=(1.0,),
+        gm_mf_priors=(0.1,),
+        gm_mf_maxiter=3,
+        mats_curvatures=("diag", "gram"),
+        mats_inits=("ta",),
+        mats_iters=(0, 3),
+        mats_dampings=(0.0,),
+        ties=((0.5, 1.0),),
+        dare=((0.5, 0.5),),
+        regmean_alphas=(1.0,),
+    )
+
+
+def test_digits_suite_micro_run_and_cache(tmp_path):
+    from benchmarks.quality import digits as q
+
+    cfg = _micro_cfg()
+    r = q.run_seed("mlp", 0, cfg, tmp_path, progress=False)
+    assert r.seconds["cache_hit"] == 0.0
+    methods = {c.method for c in r.candidates}
+    assert {
+        "average",
+        "task_arith",
+        "ties",
+        "dare",
+        "fisher",
+        "regmean",
+        "gradmatch_diag",
+        "gradmatch_mf",
+        "mats_diag",
+        "mats_gram",
+    } <= methods
+    for c in r.candidates:
+        assert 0.0 <= c.val <= 2.0 and 0.0 <= c.test <= 2.0, c
+    # MaTS with 0 CG iterations returns its initialisation: task arithmetic at the chosen α.
+    best_a = q.best_per_method(r.candidates)["task_arith"].setting["a"]
+    ta = next(c for c in r.candidates if c.method == "task_arith" and c.setting["a"] == best_a)
+    m0 = next(c for c in r.candidates if c.method == "mats_gram" and c.setting["iters"] == 0)
+    assert m0.test == pytest.approx(ta.test) and m0.val == pytest.approx(ta.val)
+    assert 0.0 < r.tau_ratio < 1.0 and all(np.isfinite(v) for v in r.kl.values())
+    text = q.summarize([r])
+    for name in ("theta0", "multitask", "finetuned", "task_arith", "mats_gram"):
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    assert len(q.claims([r])) >= 3
+    # The rerun restores the checkpoints (orbax) instead of training: the same scores.
+    r2 = q.run_seed("mlp", 0, cfg, tmp_path, progress=False)
+    assert r2.seconds["cache_hit"] == 1.0
+    assert [c.test for c in r2.candidates] == pytest.approx([c.test for c in r.candidates])
+
+
+def test_digits_tasks_differ_in_inputs_or_labels():
+    from benchmarks.quality import digits as q
+
+    sp = q.load_splits(0)
+    assert len(q.ALL_TASKS) >= 6
+    x, y = sp["train"]
+    for t in q.ALL_TASKS:
+        xt, yt = q.task_xy(t, x, y)
+        assert xt.shape == x.shape and yt.shape == y.shape
+        assert (t in q.LABEL_TASKS) == np.array_equal(xt, x)
+        assert (t in q.LABEL_TASKS) != np.array_equal(yt, y)
+    # The splits are disjoint and cover the data; the pool is not fine-tuning data.
+    sizes = {k: v.x.shape[0] for k, v in sp.items()}
+    assert sum(sizes.values()) == 1797
+    xm, _ = q.pretrain_mixture(sp, q.ALL_TASKS, 0)
+    assert xm.shape[0] > sizes["train"] + sizes["pool"]
