@@ -1,0 +1,358 @@
+"""Streaming file merges (jmerge.io.streaming) and the `jmerge merge` command line.
+
+References are independent: numpy arithmetic on the loaded checkpoints (task arithmetic with a
+layer gradient, linear), and jmerge's in-memory merges of the whole model for the principled
+methods read from curvature files.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import yaml
+
+import jmerge
+from jmerge.cli import main as cli_main
+from jmerge.config import ConfigError
+from jmerge.examples.checkpoints import SMALL, LlamaShape, write_family, write_llama
+from jmerge.io import (
+    SafetensorsCheckpoint,
+    flatten,
+    load_safetensors,
+    save_curvature,
+    save_safetensors,
+)
+from jmerge.io.streaming import merge_checkpoints, plan_merge
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base, fts = write_family(root, SMALL, num_models=3, max_shard_size="150KB")
+    return root, base, fts
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _f32(ckpt, name):
+    return np.asarray(ckpt.get(name), np.float32)
+
+
+def test_task_arithmetic_with_layer_gradient_matches_numpy(family, tmp_path):
+    root, base, fts = family
+    cfg = _write(tmp_path / "ta.yaml", {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": str(fts[0]), "parameters": {"weight": 0.5}},
+            {"model": str(fts[1]), "parameters": {"weight": [0.0, 1.0]}},
+            {"model": str(fts[2]), "parameters": {
+                "weight": [{"filter": "mlp", "value": 0.25}, {"value": 0.1}]}},
+        ],
+    })
+    summary = merge_checkpoints(cfg, tmp_path / "out", progress=False, max_shard_size="100KB")
+    out = SafetensorsCheckpoint(tmp_path / "out")
+    b = SafetensorsCheckpoint(base)
+    f = [SafetensorsCheckpoint(p) for p in fts]
+    assert out.names == b.names and summary.tensors == len(b.names)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()  # sharded output
+    assert len(out.files) > 1
+    for name in b.names:
+        layer = re.search(r"layers\.(\d+)\.", name)
+        t = 0.0 if layer is None else int(layer.group(1)) / (SMALL.layers - 1)
+        w = [0.5, t, 0.25 if "mlp" in name else 0.1]
+        expected = _f32(b, name) + sum(
+            wi * (_f32(fi, name) - _f32(b, name)) for wi, fi in zip(w, f, strict=True))
+        assert out.dtype(name) == BF16
+        np.testing.assert_allclose(_f32(out, name), expected, rtol=2 ** -7, atol=1e-6,
+                                   err_msg=name)
+
+
+def test_linear_output_dtype_config_and_tokenizer_files(family, tmp_path):
+    root, base, fts = family
+    cfg = _write(tmp_path / "lin.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": w}}
+                   for p, w in zip(fts, (1.0, 2.0, 1.0), strict=True)],
+        "out_dtype": "float32",
+    })
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    out = SafetensorsCheckpoint(tmp_path / "out")
+    f = [SafetensorsCheckpoint(p) for p in fts]
+    for name in out.names:
+        # mergekit's rule: the result has the inputs' dtype (bf16), then out_dtype is applied.
+        expected = (_f32(f[0], name) + 2 * _f32(f[1], name) + _f32(f[2], name)) / 4
+        expected = expected.astype(BF16).astype(np.float32)
+        assert out.dtype(name) == np.float32
+        np.testing.assert_allclose(_f32(out, name), expected, rtol=2 ** -8, atol=1e-7)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "float32" and config["num_hidden_layers"] == SMALL.layers
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # donor: the first model
+        assert (tmp_path / "out" / name).read_bytes() == (fts[0] / name).read_bytes()
+
+
+def test_random_methods_are_reproducible_and_seeded(family, tmp_path):
+    root, base, fts = family
+    cfg = _write(tmp_path / "dare.yaml", {
+        "merge_method": "dare_ties", "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}}
+                   for p in fts],
+    })
+    a = load_safetensors(merge_checkpoints(cfg, tmp_path / "a", progress=False).out,
+                         nested=False)
+    b = load_safetensors(merge_checkpoints(cfg, tmp_path / "b", progress=False).out,
+                         nested=False)
+    c = load_safetensors(merge_checkpoints(cfg, tmp_path / "c", progress=False, seed=1).out,
+                         nested=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    np.testing.assert_array_equal(a[name], b[name])
+    assert not np.array_equal(a[name], c[name])
+
+
+def test_dry_run_writes_nothing(family, tmp_path):
+    root, base, fts = family
+    cfg = _write(tmp_path / "ties.yaml", {
+        "merge_method": "ties", "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.3}}
+                   for p in fts],
+    })
+    s = merge_checkpoints(cfg, tmp_path / "out", dry_run=True, progress=False)
+    assert s.dry_run and s.tensors == len(SafetensorsCheckpoint(base).names)
+    assert s.bytes_written == 0 and not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing written
+
+
+def _ta(base, models):
+    return {"merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": str(p), "parameters": {"weight": 0.5}} for p in models]}
+
+
+def test_missing_model_directory(family, tmp_path):
+    root, base, fts = family
+    cfg = _write(tmp_path / "c.yaml", _ta(base, [fts[0], tmp_path / "nope"]))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shape_mismatch_names_tensor_and_shapes(family, tmp_path):
+    root, base, fts = family
+    other = write_llama(tmp_path / "big_vocab", SMALL._replace(vocab=160), seed=7)
+    cfg = _write(tmp_path / "c.yaml", _ta(base, [fts[0], other]))
+    with pytest.raises(ValueError, match=r"model.embed_tokens.weight.*\(128, 64\).*\(160, 64\)"):
+        merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_is_named(family, tmp_path):
+    root, base, fts = family
+    flat = load_safetensors(fts[0], nested=False)
+    del flat["model.layers.1.mlp.down_proj.weight"]
+    save_safetensors(flat, tmp_path / "partial")
+    cfg = _write(tmp_path / "c.yaml", _ta(base, [tmp_path / "partial"]))
+    with pytest.raises(KeyError, match="model.layers.1.mlp.down_proj.weight"):
+        merge_checkpoints(cfg, tmp_path / "out", progress=False)
+
+
+def test_unknown_method_and_key_list_allowed(family, tmp_path):
+    root, base, fts = family
+    bad = _ta(base, fts[:1]) | {"merge_method": "tie"}
+    with pytest.raises(ConfigError, match=r"'tie'.*task_arithmetic"):
+        merge_checkpoints(_write(tmp_path / "a.yaml", bad), tmp_path / "out", progress=False)
+    bad = _ta(base, fts[:1]) | {"merge_methd": "ties"}
+    with pytest.raises(ConfigError, match=r"merge_methd.*merge_method"):
+        merge_checkpoints(_write(tmp_path / "b.yaml", bad), tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_lm_head_follows_config(family, tmp_path, tie):
+    root, base, fts = family
+    tied = write_llama(tmp_path / "tied", SMALL._replace(tie_word_embeddings=True),
+                       seed=5, base=None)
+    if not tie:  # same files, but the config says the head is not tied: reject by name
+        cfg_path = tied / "config.json"
+        c = json.loads(cfg_path.read_text())
+        c["tie_word_embeddings"] = False
+        cfg_path.write_text(json.dumps(c))
+    cfg = _write(tmp_path / "c.yaml", _ta(base, [fts[0], tied]))
+    if not tie:
+        with pytest.raises(ValueError, match="lm_head.weight.*tie_word_embeddings"):
+            merge_checkpoints(cfg, tmp_path / "out", progress=False)
+        return
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    out, b = SafetensorsCheckpoint(tmp_path / "out"), SafetensorsCheckpoint(base)
+    t, f0 = SafetensorsCheckpoint(tied), SafetensorsCheckpoint(fts[0])
+    expected = (_f32(b, "lm_head.weight")
+                + 0.5 * (_f32(f0, "lm_head.weight") - _f32(b, "lm_head.weight"))
+                + 0.5 * (_f32(t, "model.embed_tokens.weight") - _f32(b, "lm_head.weight")))
+    np.testing.assert_allclose(_f32(out, "lm_head.weight"), expected, rtol=2 ** -7, atol=1e-6)
+
+
+def test_untied_model_against_tied_donor_is_rejected(family, tmp_path):
+    root, base, fts = family
+    tied = write_llama(tmp_path / "tied", SMALL._replace(tie_word_embeddings=True), seed=5)
+    cfg = _write(tmp_path / "c.yaml", _ta(tied, [fts[0]]))
+    with pytest.raises(ValueError, match=r"stores its own 'lm_head.weight'"):
+        merge_checkpoints(cfg, tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Principled merges from curvature files equal the in-memory merges
+
+
+@pytest.fixture(scope="module")
+def flax_family(tmp_path_factory):
+    """A small tree saved as safetensors, three fine-tuned variants with Fishers and Grams."""
+    root = tmp_path_factory.mktemp("flax")
+    rng = np.random.default_rng(0)
+    theta0 = {"params": {"dense0": {"kernel": rng.normal(size=(6, 5)), "bias": rng.normal(size=5)},
+                         "dense1": {"kernel": rng.normal(size=(5, 3)), "bias": np.zeros(3)}}}
+    theta0 = jax.tree.map(lambda x: np.asarray(x, np.float32), theta0)
+    dirs, models, fishers, grams = [], [], [], []
+    for i in range(3):
+        m = jax.tree.map(lambda x: x + np.float32(0.1) * rng.normal(size=x.shape).astype(
+            np.float32), theta0)
+        f = jax.tree.map(lambda x: rng.uniform(0.1, 2.0, size=x.shape).astype(np.float32), m)
+        xs = {k: rng.normal(size=(20, m["params"][k]["kernel"].shape[0])) for k in ("dense0",
+                                                                               "dense1")}
+        g = jmerge.curvature.BlockGram(
+            {f"['params']['{k}']['kernel']": jnp.asarray(x.T @ x, jnp.float32)
+             for k, x in xs.items()})
+        d = root / f"ft{i}"
+        save_safetensors(flatten(m), d)
+        save_curvature(f, d, kind="fisher")
+        save_curvature(g, d, kind="gram")
+        dirs.append(d), models.append(m), fishers.append(f), grams.append(g)
+    base = root / "base"
+    save_safetensors(flatten(theta0), base)
+    f0 = jax.tree.map(lambda x: rng.uniform(0.1, 1.0, size=x.shape).astype(np.float32), theta0)
+    save_curvature(f0, base, kind="fisher")
+    return base, dirs, theta0, models, fishers, grams, f0
+
+
+def _flat_close(out_dir, expected, rtol=1e-5):
+    got = load_safetensors(out_dir, nested=False)
+    exp = flatten(jax.tree.map(np.asarray, expected))
+    assert got.keys() == exp.keys()
+    for k in exp:
+        np.testing.assert_allclose(np.asarray(got[k], np.float64), exp[k], rtol=rtol, atol=1e-6,
+                                   err_msg=k)
+
+
+def test_fisher_from_files_equals_in_memory(flax_family, tmp_path):
+    base, dirs, theta0, models, fishers, grams, f0 = flax_family
+    w = [0.2, 0.3, 0.5]
+    cfg = {"merge_method": "fisher", "models": [
+        {"model": str(d), "parameters": {"weight": wi}} for d, wi in zip(dirs, w, strict=True)]}
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    _flat_close(tmp_path / "out", jmerge.fisher_merge(models, fishers, weights=jnp.asarray(w)))
+
+
+def test_regmean_from_files_equals_in_memory(flax_family, tmp_path):
+    base, dirs, theta0, models, fishers, grams, f0 = flax_family
+    cfg = {"merge_method": "regmean", "models": [{"model": str(d)} for d in dirs],
+           "parameters": {"alpha": 0.9}}
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    _flat_close(tmp_path / "out", jmerge.regmean(models, grams, alpha=0.9), rtol=1e-4)
+
+
+def test_gradient_matching_from_files_uses_base_fisher(flax_family, tmp_path):
+    base, dirs, theta0, models, fishers, grams, f0 = flax_family
+    cfg = {"merge_method": "gradient_matching", "base_model": str(base),
+           "models": [{"model": str(d), "parameters": {"weight": 0.4}} for d in dirs]}
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    expected = jmerge.gradient_matching(theta0, models, fishers, alpha=0.4, prior=f0).params
+    _flat_close(tmp_path / "out", expected)
+
+
+def test_mats_from_files_equals_in_memory_with_relative_damping(flax_family, tmp_path):
+    base, dirs, theta0, models, fishers, grams, f0 = flax_family
+    (tmp_path / "base").mkdir()
+    save_safetensors(flatten(theta0), tmp_path / "base" / "model.safetensors")
+    cfg = {"merge_method": "mats", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(d)} for d in dirs], "parameters": {"damping": 0.3}}
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    expected = jmerge.mats(theta0, models, fishers, damping=0.3).params
+    _flat_close(tmp_path / "out", expected)
+
+
+def test_missing_curvature_file_is_named(flax_family, tmp_path):
+    base, dirs, *_ = flax_family
+    cfg = {"merge_method": "regmean", "models": [{"model": str(base)}, {"model": str(dirs[0])}]}
+    with pytest.raises(FileNotFoundError, match=r"gram curvature file .*base"):
+        plan_merge(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: one tensor at a time
+
+
+def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
+    """4 checkpoints of 6 layers (about 4 x 128 MiB of bf16). A second run of the same merge
+    (compiled programs cached, so what it adds is buffers) may hold about (4 inputs + 2) f32
+    copies of the largest tensor (8 MiB) plus XLA temporaries, far below the 512 MiB of inputs
+    that a merge loading whole models would hold."""
+    shape = LlamaShape(hidden=1024, intermediate=2048, layers=6, vocab=2048, heads=8, kv_heads=8)
+    base, fts = write_family(tmp_path, shape, num_models=3)
+    cfg = _write(tmp_path / "lin.yaml", {
+        "merge_method": "linear",
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in (base, *fts)]})
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    s = merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    inputs = sum(f.stat().st_size for d in (base, *fts) for f in d.glob("*.safetensors"))
+    added = s.peak_anon - s.baseline_anon
+    assert s.bytes_read >= 0.99 * inputs > 500 * 2**20
+    assert added < 0.25 * inputs, (added, inputs, s.largest_tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_cli_merge_prints_summary(family, tmp_path, capsys):
+    root, base, fts = family
+    cfg = _write(tmp_path / "ta.yaml", _ta(base, fts))
+    assert cli_main(["merge", str(cfg), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    for field in ("method", "tensors", "read", "written", "time", "peak memory"):
+        assert field in text
+    assert "task_arithmetic" in text and SafetensorsCheckpoint(tmp_path / "out").names
+
+
+def test_cli_errors_exit_2_and_write_nothing(family, tmp_path, capsys):
+    root, base, fts = family
+    cfg = _write(tmp_path / "bad.yaml", _ta(base, fts) | {"merge_method": "tie"})
+    assert cli_main(["merge", str(cfg), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown merge method 'tie'" in err or "'tie'" in err
+    assert "nothing was written" in err and not (tmp_path / "out").exists()
+
+
+def test_cli_help_lists_methods_and_parameters():
+    out = subprocess.run([sys.executable, "-m", "jmerge.cli", "merge", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for method in ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties",
+                   "della_linear", "slerp", "nuslerp", "model_stock", "sce", "fisher",
+                   "regmean", "mats", "gradient_matching"):
+        assert f"  {method}:" in out, method
+    for param in ("weight", "density", "gamma", "epsilon", "lambda", "--dry-run", "--out"):
+        assert param in out
+    top = subprocess.run([sys.executable, "-m", "jmerge.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "merge" in top
