@@ -36,7 +36,14 @@ Where mergekit differs from the papers (and from :func:`jmerge.ties`, :func:`jme
 
 All functions run under ``jax.jit``, ``vmap`` and ``grad``. Arguments that fix a number of
 kept entries (``densities`` of ``ties``/``breadcrumbs*``, ``gammas``) must be concrete (Python or
-NumPy values, or concrete arrays); every other argument may be traced.
+NumPy values, or concrete arrays; each distinct value compiles its own program), and so must the
+flags (``normalize``, ``rescale``, ``consensus``, ``filter_wise``, ``row_wise``, ``flatten``);
+tensors, weights, ``lambda_``, ``t``, ``select_topk``, the densities and epsilons of the random
+methods, keys and masks may be traced.
+
+Selection costs: ``ties``/``breadcrumbs*`` call :func:`jmerge.merges._select.kth_largest` once
+(twice) per model; ``della`` sorts each row once; ``sce`` sorts the variances of the whole
+tensor (its k depends on the data).
 """
 
 from __future__ import annotations
