@@ -936,8 +936,9 @@ def _gta_globals(normalize: bool, rescale: bool) -> dict[str, Param]:
 
 def _gta_apply(fn, extra=(), random=False):
     def apply(base, tensors, per_model, global_, key=None, masks=None):
-        kwargs = dict(normalize=global_["normalize"], rescale=global_["rescale"],
-                      lambda_=global_["lambda"])
+        kwargs = dict(normalize=global_["normalize"], lambda_=global_["lambda"])
+        if fn is not task_arithmetic:  # rescaling only acts on sparsified task vectors
+            kwargs["rescale"] = global_["rescale"]
         if random:
             kwargs.update(key=key, masks=masks)
         if fn in (ties, dare_ties, breadcrumbs_ties, della):
