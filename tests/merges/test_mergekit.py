@@ -354,6 +354,21 @@ class TestRegistry:
                               {"lambda": 0.7})
         _close(got, _gta_ref("ties", b, ts, lambda_=0.7), np.float32)
 
+    @pytest.mark.parametrize("name", sorted(EXPECTED))
+    def test_merge_tensor_every_method_with_defaults(self, name):
+        base, tensors, _, _ = _inputs((4, 5))
+        spec = mk.METHODS[name]
+        n = {"slerp": 1, "nuslerp": 2}.get(name, 3)
+        stack = jnp.concatenate([base[None], tensors])[:n] if spec.base == "input" else \
+            tensors[:n]
+        per_model = {k: np.full(n, 0.5) for k, p in spec.per_model.items()
+                     if p.default is mk.REQUIRED}
+        global_ = {"t": 0.5} if name == "slerp" else {}
+        key = jax.random.key(0) if spec.random else None
+        out = mk.merge_tensor(name, base, stack, per_model, global_, key=key)
+        assert out.shape == (4, 5) and out.dtype == jnp.float32
+        assert np.all(np.isfinite(np.asarray(out)))
+
     def test_merge_tensor_errors_name_and_list(self):
         base, tensors, _, _ = _inputs((3,))
         with pytest.raises(ValueError, match="unknown merge method 'tie'; allowed: linear, "):
