@@ -5,7 +5,7 @@ Every merge is a (weighted) least-squares solve,
 and, where no closed form exists, the matrix-free conjugate-gradient solver :func:`cg`.
 """
 
-from jmerge import curvature, merges, solvers, tree
+from jmerge import curvature, io, merges, sharding, solvers, tree
 from jmerge.curvature import fisher_diag, fisher_vp, ggn_vp, hvp
 from jmerge.merges import (
     SOLVER_CG,
@@ -32,7 +32,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "curvature",
+    "io",
     "merges",
+    "sharding",
     "solvers",
     "tree",
     "hvp",
