@@ -125,6 +125,7 @@ def plot_curves(
         ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     if logx:
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0.0)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
