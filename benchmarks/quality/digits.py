@@ -823,7 +823,7 @@ def summarize(results: Sequence[SeedResult], *, markdown: bool = False) -> str:
     for method in bests[0]:
         chosen = [bp[method] for bp in bests]
         m, s = mean_std([c.test for c in chosen])
-        settings = " | ".join(format_setting(c.setting) or "-" for c in chosen)
+        settings = "; ".join(format_setting(c.setting) or "-" for c in chosen)
         kl = np.mean([r.kl[method] for r in results])
         rows.append(
             [
