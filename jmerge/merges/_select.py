@@ -1,15 +1,207 @@
-"""Exact order statistics of magnitudes, shared by the trimming merges (TIES, breadcrumbs, DELLA).
+"""Exact order statistics without sorting, shared by the trimming merges (TIES, breadcrumbs, DELLA).
 
-``kth_largest(x, k)`` is the k-th largest entry along the last axis of ``x``: equal to
-``lax.top_k(x, k)[0][..., k - 1]``. (Placeholder body; to be replaced by a sort-free selection
-that uses only reductions, so that it runs at memory speed and on sharded arrays without a gather.)
+``kth_largest(x, k)`` is the k-th largest entry along the last axis of ``x``, equal to
+``lax.top_k(x, k)[0][..., k - 1]``; ``kth_largest_over(leaves, k, batch_ndim=b)`` is the k-th
+largest over all entries of several arrays at once (their trailing axes), without concatenating
+them (TIES's global threshold over the leaves of a model).
+
+Method: radix select (MSD) on an order-preserving integer key. Each value is mapped to an
+unsigned integer of its width whose order is the total order of ``lax.sort``
+(-NaN < -inf < … < -0.0 < +0.0 < … < +inf < +NaN for floats): the bit pattern with the sign
+bit set for non-negative floats and all bits flipped for negative ones. The key is decided
+from its top bits down, a digit of up to 16 bits per pass: each pass is a histogram (a
+scatter-add into 2^digit bins) of the next digit over the entries whose higher digits equal
+the ones decided so far, then a suffix sum over the bins picks the digit whose bin holds the
+k-th largest. Counts are exact integers, so the result is exactly the k-th value of the sorted
+order, ties included. Passes: 2 for 32-bit keys (float32, int32), 1 for 16-bit (bfloat16,
+float16), 4 for 64-bit; each reads the input once and sorts nothing.
+
+Cost and sharding: a pass costs one read of the input plus a scatter-add of one int32 per
+entry; the histograms have ``batch × 2^digit`` int32 entries (the digit is at most 16 bits and
+at most about log2 of the number of entries per row, so they never outgrow the input by much).
+With the input sharded over the reduced axes, each histogram is a local scatter plus an
+all-reduce of the ``batch × 2^digit`` counts: no gather of the input. On CPU a scatter-add
+pass runs at about half a copy's speed; a 1-bit bisection (32 passes of a fused compare and
+count) measured 5-10x slower here, because XLA:CPU reductions are not faster than a scatter.
+
+NaN: ordered as ``lax.sort`` orders it (jmerge validates merge inputs finite before calling
+this). A result of -0.0 comes back as the key's float (the same value as ``top_k`` up to the
+sign of zero when both zeros occur; -0.0 == +0.0). Subnormals are ordinary keys.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["kth_largest", "kth_largest_over"]
+
+_MAX_DIGIT = 16  # bits decided per pass: histograms of at most 65536 bins
+
+
+def _key_dtype(dtype: np.dtype) -> np.dtype:
+    bits = np.dtype(dtype).itemsize * 8
+    return np.dtype(f"uint{bits}")
+
+
+def _to_key(x: jax.Array) -> jax.Array:
+    """An unsigned integer of x's width whose order is ``lax.sort``'s total order of x."""
+    kd = _key_dtype(x.dtype)
+    sign = np.array(1 << (kd.itemsize * 8 - 1), kd)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(x, kd)
+        return jnp.where(bits >= sign, ~bits, bits | sign)
+    if jnp.issubdtype(x.dtype, jnp.signedinteger):
+        return jax.lax.bitcast_convert_type(x, kd) ^ sign
+    if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+        return x
+    raise TypeError(f"kth_largest needs a float or integer array; got dtype {x.dtype}.")
+
+
+def _from_key(key: jax.Array, dtype: np.dtype) -> jax.Array:
+    """Inverse of :func:`_to_key`."""
+    kd = key.dtype
+    sign = np.array(1 << (kd.itemsize * 8 - 1), kd)
+    if jnp.issubdtype(dtype, jnp.floating):
+        bits = jnp.where(key >= sign, key ^ sign, ~key)
+        return jax.lax.bitcast_convert_type(bits, dtype)
+    if jnp.issubdtype(dtype, jnp.signedinteger):
+        return jax.lax.bitcast_convert_type(key ^ sign, dtype)
+    return key
+
+
+def _digits(key_bits: int, n: int) -> list[int]:
+    """Digit widths from the top: at most 16 bits, and about log2(n) when rows are short."""
+    width = max(1, min(_MAX_DIGIT, key_bits, max(n - 1, 1).bit_length()))
+    passes = -(-key_bits // width)
+    base, extra = divmod(key_bits, passes)
+    return [base + (i < extra) for i in range(passes)]
+
+
+def _histogram(digit: jax.Array, bins: int, batch_ndim: int) -> jax.Array:
+    """Counts of each digit value 0..bins-1 (``bins`` drops the entry) over the trailing axes.
+
+    ``digit`` has shape ``(*batch, *rest)``; returns int32 ``(*batch, bins)``.
+    """
+
+    dnums = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+
+    def one(d):
+        d = d.reshape(-1, 1)
+        ones = jnp.ones(d.shape[:1], jnp.int32)
+        return jax.lax.scatter_add(
+            jnp.zeros((bins,), jnp.int32),
+            d,
+            ones,
+            dnums,
+            mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
+        )
+
+    for _ in range(batch_ndim):
+        one = jax.vmap(one)
+    return one(digit)
+
+
+def kth_largest_over(leaves: Sequence[jax.Array], k: int, *, batch_ndim: int) -> jax.Array:
+    """The k-th largest entry over all trailing-axis entries of several arrays together.
+
+    Each leaf has shape ``(*batch, *rest_i)`` with the same ``batch`` (the first
+    ``batch_ndim`` axes) and dtype; for every batch index the result is the k-th largest of the
+    ``N = Σ_i prod(rest_i)`` entries of all leaves at that index, i.e. equal to
+    ``lax.top_k(concatenate([leaf.reshape(*batch, -1) for leaf in leaves], -1), k)[0][..., k-1]``
+    but computed from per-leaf histograms (radix select, see the module docstring), without
+    concatenating, sorting or gathering the leaves.
+
+    Args:
+      leaves: non-empty sequence of arrays of one float or integer dtype.
+      k: static int, ``1 <= k <= N``.
+      batch_ndim: number of leading axes kept (rows).
+
+    Returns:
+      An array of shape ``batch`` and the leaves' dtype.
+
+    Raises:
+      ValueError: no leaves, different batch shapes or dtypes, k out of range, or N >= 2^31
+        without ``jax_enable_x64`` (counts would overflow int32).
+      TypeError: a dtype that is neither float nor integer.
+    """
+    leaves = list(leaves)
+    if not leaves:
+        raise ValueError("kth_largest_over needs at least one array.")
+    batch = leaves[0].shape[:batch_ndim]
+    dtype = leaves[0].dtype
+    for i, x in enumerate(leaves):
+        if x.shape[:batch_ndim] != batch or x.dtype != dtype:
+            raise ValueError(
+                f"leaf {i}: expected leading shape {batch} and dtype {dtype}; "
+                f"got shape {x.shape} and dtype {x.dtype}."
+            )
+    n = sum(math.prod(x.shape[batch_ndim:]) for x in leaves)
+    if not isinstance(k, int | np.integer) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, {n}] (the number of entries); got {k!r}.")
+    count_dtype = jnp.int32
+    if n >= 2**31:
+        if not jax.config.jax_enable_x64:
+            raise ValueError(
+                f"selecting among {n} >= 2^31 entries needs 64-bit counts: enable "
+                "jax_enable_x64, or select per tensor."
+            )
+        count_dtype = jnp.int64
+    keys = [_to_key(x) for x in leaves]
+    kd = keys[0].dtype
+    key_bits = kd.itemsize * 8
+    prefix = jnp.zeros(batch, kd)  # the digits decided so far, as an integer
+    k_rem = jnp.full(batch, k, count_dtype)  # rank of the target among entries with that prefix
+    decided = 0
+    for width in _digits(key_bits, n):
+        shift = key_bits - decided - width
+        bins = 1 << width
+        mask = np.array(bins - 1, kd)
+        hist = jnp.zeros((*batch, bins), count_dtype)
+        for key in keys:
+            expand = (...,) + (None,) * (key.ndim - batch_ndim)
+            digit = ((key >> np.array(shift, kd)) & mask).astype(jnp.int32)
+            if decided:
+                same = (key >> np.array(shift + width, kd)) == prefix[expand]
+                digit = jnp.where(same, digit, bins)
+            hist = hist + _histogram(digit, bins, batch_ndim).astype(count_dtype)
+        # at_least[j] = number of entries (with this prefix) whose digit is >= j.
+        at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
+        d = jnp.sum(at_least >= k_rem[..., None], axis=-1) - 1  # largest j with at_least >= k
+        at_d = jnp.take_along_axis(at_least, d[..., None], -1)[..., 0]
+        in_d = jnp.take_along_axis(hist, d[..., None], -1)[..., 0]
+        k_rem = k_rem - (at_d - in_d)
+        prefix = (prefix << np.array(width, kd)) | d.astype(kd)
+        decided += width
+    return _from_key(prefix, dtype)
 
 
 def kth_largest(x: jax.Array, k: int) -> jax.Array:
-    """The k-th largest entry along the last axis of ``x`` (k static, 1 <= k <= x.shape[-1])."""
-    return jax.lax.top_k(x, k)[0][..., k - 1]
+    """The k-th largest entry along the last axis of ``x``, without sorting.
+
+    Equal to ``lax.top_k(x, k)[0][..., k - 1]`` (the k-th value in descending sorted order,
+    repeated values counted with multiplicity), computed by radix select on the values' order
+    keys (module docstring): 2 histogram passes for 32-bit dtypes, 1 for 16-bit, 4 for 64-bit.
+    Works on arrays sharded along any axis (the counts are all-reduced, the input is not
+    gathered).
+
+    Args:
+      x: float or integer array of shape ``(..., n)``.
+      k: static int, ``1 <= k <= n``.
+
+    Returns:
+      Shape ``x.shape[:-1]``, dtype of ``x``.
+
+    Raises:
+      ValueError: k out of range (or n >= 2^31 without x64). TypeError: x neither float nor int.
+    """
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise ValueError("kth_largest needs at least one axis; got a scalar.")
+    return kth_largest_over([x], k, batch_ndim=x.ndim - 1)

@@ -39,9 +39,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from jmerge.merges._common import check_result, per_model, prepare, select, weighted_sum
+from jmerge.merges._common import check_result, per_model, prepare, select
+from jmerge.merges._select import kth_largest_over
 from jmerge.merges.basic import Models, _keep, _task_vectors
 from jmerge.tree import LeafFilter, is_traced, require
 
@@ -94,9 +94,18 @@ def _num_kept(density: float, n: int) -> int:
     return min(n, max(1, math.floor(density * n + 0.5)))
 
 
-def _kth_largest(mags: jax.Array, k: int) -> jax.Array:
-    """The k-th largest entry of each row of ``mags`` (T, n) -> (T,), via ``lax.top_k``."""
-    return jax.lax.top_k(mags, k)[0][:, k - 1]
+def _model_sum(x: jax.Array, w: jax.Array | None = None) -> jax.Array:
+    """Σ_t w_t x_t (or Σ_t x_t) over the leading model axis, as a chain of elementwise adds.
+
+    Written out so that XLA fuses it with the producer of ``x`` into one pass over memory
+    (a ``reduce`` or ``dot`` over a short leading axis is not fused on CPU and ran 2-7x slower
+    than a copy there).
+    """
+    terms = [x[t] if w is None else w[t].astype(x.dtype) * x[t] for t in range(x.shape[0])]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def trim_topk(tvs: chex.ArrayTree, density: float, *, scope: str = "tensor") -> chex.ArrayTree:
@@ -114,9 +123,10 @@ def trim_topk(tvs: chex.ArrayTree, density: float, *, scope: str = "tensor") -> 
     when magnitudes repeat (e.g. a task vector with fewer than k non-zero entries keeps all of
     them and its zeros, which changes nothing).
 
-    Cost: ``lax.top_k`` over n entries per model, a sort-like O(n log n) on CPU/GPU. The global
-    scope also concatenates the magnitudes of all leaves into one (T, n_total) array, i.e.
-    one extra copy of the task vectors in memory.
+    κ_t is found exactly and without sorting by radix select on the magnitudes' bit patterns
+    (:func:`jmerge.merges._select.kth_largest_over`: two histogram passes over the task vectors
+    for float32): O(n) work; the global scope sums per-leaf histograms (no concatenation of the
+    leaves), and sharded task vectors are counted locally and all-reduced (no gather).
 
     Args:
       tvs: stacked task vectors, leaves ``(T, *s)`` (``None`` leaves are skipped).
@@ -141,62 +151,82 @@ def _trim_topk(tvs: PyTree, *, density: float, scope: str) -> PyTree:
         thr = thr.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
         return jnp.where(jnp.abs(x) >= thr, x, jnp.zeros_like(x))
 
+    def threshold(leaves):
+        n = sum(math.prod(x.shape[1:]) for x in leaves)
+        mags = [jnp.abs(x) for x in leaves if x.size]
+        return kth_largest_over(mags, _num_kept(density, n), batch_ndim=1) if mags else None
+
     if scope == "tensor":
 
         def leaf(x):
-            flat = jnp.abs(x.reshape(x.shape[0], -1))
-            if flat.shape[1] == 0:
-                return x
-            return keep_above(x, _kth_largest(flat, _num_kept(density, flat.shape[1])))
+            thr = threshold([x])
+            return x if thr is None else keep_above(x, thr)
 
         return jax.tree_util.tree_map(leaf, tvs)
 
-    mags = jnp.abs(jax.vmap(lambda model: ravel_pytree(model)[0])(tvs))
-    if mags.shape[1] == 0:
+    thr = threshold(jax.tree_util.tree_leaves(tvs))
+    if thr is None:
         return tvs
-    thr = _kth_largest(mags, _num_kept(density, mags.shape[1]))
     return jax.tree_util.tree_map(lambda x: keep_above(x, thr), tvs)
 
 
-_BLOCK = 4096  # random numbers are drawn in blocks of this many entries
+def _mix32(x: jax.Array) -> jax.Array:
+    """lowbias32 (C. Wellons, "Prospecting for hash functions", 2018): a bijection of uint32
+    whose output bits each flip with probability ≈ 1/2 when any input bit flips."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
 
 
-def _block_ids(path: Any, x: jax.Array) -> np.ndarray:
-    """(T·b, 2) rows ``(crc32(keystr(path)), t·b + i)`` for block i of model t of a leaf."""
-    num_models, n = x.shape[0], math.prod(x.shape[1:])
-    blocks = -(-n // _BLOCK)
-    tag = zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF
-    rows = np.arange(num_models * blocks)
-    return np.stack([np.full_like(rows, tag), rows], axis=1).astype(np.uint32)
+def _entry_index(shape: tuple[int, ...]) -> jax.Array:
+    """The row-major index of every entry of an array of ``shape``, as uint32 (elementwise, so
+    it is computed where each shard lives)."""
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(stride)
+        stride *= shape[d]
+    return idx
 
 
 def _uniforms(key: jax.Array, tvs: PyTree) -> PyTree:
-    """U[0, 1) (float32, multiples of 2⁻²⁴) per entry of every leaf, from one batched draw.
+    """U[0, 1) (float32, multiples of 2⁻²⁴) per entry of every leaf.
 
-    Block i of model t of the leaf at ``path`` (b blocks per model) draws from the key
-    ``fold_in(fold_in(key, crc32(keystr(path))), t·b + i)``: independent across leaves,
-    models and blocks, and a leaf's numbers depend on its path only (leaving other leaves out
-    of a merge does not change them). All blocks go through one vmapped threefry call, so the
-    compile time does not grow with the number of leaves (one ``jax.random`` call per leaf
-    costs seconds of XLA compile each on CPU). Memory: one uint32 per entry (rounded up to
-    whole blocks of 4096 per leaf and model).
+    A counter-based generator: model t of the leaf at ``path`` gets two seed words
+    (s0, s1) = ``bits(fold_in(fold_in(key, crc32(keystr(path))), t), (2,))`` (threefry, one
+    batched call for all leaves and models), and its entry i (row-major index in the leaf) the
+    top 24 bits of h(i) = mix(mix(i + s0) ⊕ s1), mix = :func:`_mix32`. Independent across
+    leaves, models and entries for all practical purposes (distinct seeds give unrelated
+    streams; within a stream h is a bijection of i, so no two entries share a word), and a
+    leaf's numbers depend on its path only. Elementwise integer arithmetic: XLA fuses it with
+    the masking into one pass, at memory speed on CPU/GPU/TPU and on sharded leaves without
+    communication (threefry or ``rbg`` bits for every entry ran at 5-6 copies' time on CPU).
+    Not a cryptographic generator; entries per model and leaf must be < 2³².
     """
-    ids = jax.tree_util.tree_map_with_path(_block_ids, tvs)
-    counts = list(map(len, jax.tree_util.tree_leaves(ids)))
-    starts = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(ids), np.cumsum([0, *counts[:-1]]).tolist()
-    )
+    leaves = jax.tree_util.tree_leaves_with_path(tvs)
+    rows = []
+    for path, x in leaves:
+        if math.prod(x.shape[1:]) >= 2**32:
+            raise ValueError(
+                f"leaf {jax.tree_util.keystr(path)}: DARE masks need fewer than 2^32 entries "
+                f"per model; got shape {x.shape}."
+            )
+        tag = zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF
+        rows += [(tag, t) for t in range(x.shape[0])]
     fold = lambda r: jax.random.fold_in(jax.random.fold_in(key, r[0]), r[1])
-    keys = jax.vmap(fold)(jnp.asarray(np.concatenate(jax.tree_util.tree_leaves(ids))))
-    bits = jax.vmap(lambda k: jax.random.bits(k, (_BLOCK,), jnp.uint32))(keys)
-    u = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+    seed_bits = lambda r: jax.random.bits(fold(r), (2,), jnp.uint32)
+    seeds = jax.vmap(seed_bits)(jnp.asarray(np.array(rows, np.uint32).reshape(-1, 2)))
 
-    def leaf(x, start, rows):
-        n = math.prod(x.shape[1:])
-        block = u[start : start + rows.shape[0]].reshape(x.shape[0], -1)
-        return block[:, :n].reshape(x.shape)
-
-    return jax.tree_util.tree_map(leaf, tvs, starts, ids)
+    out, start = [], 0
+    for _, x in leaves:
+        num = x.shape[0]
+        s = seeds[start : start + num].reshape((num,) + (1,) * (x.ndim - 1) + (2,))
+        start += num
+        h = _mix32(_mix32(_entry_index(x.shape) + s[..., 0]) ^ s[..., 1])
+        out.append((h >> np.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tvs), out)
 
 
 def drop_and_rescale(tvs: chex.ArrayTree, density: Any, key: jax.Array) -> chex.ArrayTree:
@@ -206,10 +236,11 @@ def drop_and_rescale(tvs: chex.ArrayTree, density: Any, key: jax.Array) -> chex.
     m_t ~ Bernoulli(p) entrywise, p = ``density``, hence E[τ̃_t] = τ_t.
 
     Independent randomness per leaf, model and entry: m = [u < p] with u uniform on the
-    multiples of 2⁻²⁴ in [0, 1) (so P(keep) = ⌈p·2²⁴⌉/2²⁴, within 6e-8 of p). Leaf ``path`` of
-    model t draws from keys ``fold_in(fold_in(key, crc32(keystr(path))), t·b + i)`` for its
-    blocks i < b of 4096 entries (a key tree over leaves, models and blocks; see
-    :func:`_uniforms`), so a leaf's mask does not depend on the other leaves.
+    multiples of 2⁻²⁴ in [0, 1) (so P(keep) = ⌈p·2²⁴⌉/2²⁴, within 6e-8 of p). Model t of the
+    leaf at ``path`` is seeded from ``fold_in(fold_in(key, crc32(keystr(path))), t)`` and its
+    entries hashed from their index (a counter-based generator, see :func:`_uniforms`), so a
+    leaf's mask does not depend on the other leaves, and the mask costs no more than a read
+    of the task vectors.
 
     Args:
       tvs: stacked task vectors, leaves ``(T, *s)`` (``None`` leaves are skipped).
@@ -245,7 +276,7 @@ def elect_sign(tvs: chex.ArrayTree) -> chex.ArrayTree:
 
 @jax.jit
 def _elect_sign(tvs: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: jnp.sign(jnp.sum(x, axis=0)), tvs)
+    return jax.tree_util.tree_map(lambda x: jnp.sign(_model_sum(x)), tvs)
 
 
 def disjoint_mean(tvs: chex.ArrayTree, sign: chex.ArrayTree) -> chex.ArrayTree:
@@ -267,8 +298,8 @@ def disjoint_mean(tvs: chex.ArrayTree, sign: chex.ArrayTree) -> chex.ArrayTree:
 def _disjoint_mean(tvs: PyTree, sign: PyTree) -> PyTree:
     def leaf(x, g):
         agree = (jnp.sign(x) == g[None].astype(x.dtype)) & (x != 0)
-        total = jnp.sum(jnp.where(agree, x, jnp.zeros_like(x)), axis=0)
-        count = jnp.sum(agree, axis=0)
+        total = _model_sum(jnp.where(agree, x, jnp.zeros_like(x)))
+        count = _model_sum(agree.astype(jnp.int32))
         return total / jnp.maximum(count, 1).astype(x.dtype)
 
     return jax.tree_util.tree_map(leaf, tvs, sign)
@@ -335,7 +366,7 @@ def ties(
 @jax.jit
 def _dare_kernel(pretrained, stacked, alpha, density, key):
     dropped = _drop_and_rescale(_task_vectors(pretrained, stacked), density, key)
-    return _add_to(pretrained, jax.tree_util.tree_map(lambda d: weighted_sum(d, alpha), dropped))
+    return _add_to(pretrained, jax.tree_util.tree_map(lambda d: _model_sum(d, alpha), dropped))
 
 
 def dare(
