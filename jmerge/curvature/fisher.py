@@ -42,10 +42,13 @@ from jmerge.curvature._data import (
     check_logits,
     chunk_examples,
     chunk_size,
+    constrain,
+    constrain_stacked,
     cotangents,
     labels_in_range,
     layer_grads,
     num_examples,
+    placed_shardings,
     probe,
     scan_sum,
 )
@@ -158,6 +161,7 @@ def fisher_diag(
         kind=kind,
         batch_size=batch_size,
         fast=bool(fast),
+        shardings=placed_shardings(params),
     )
     if is_traced(params_ok):  # inside jit / vmap: check concrete params now, stage the rest
         check_labels_range(labels_ok, labels, logits_fn, params, inputs)
@@ -201,7 +205,7 @@ def _sum0(x: jax.Array) -> jax.Array:
     return x[0]
 
 
-def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
+def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast, shardings):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     n = num_examples(inputs)
     acc = [compute_dtype(jnp.result_type(x)) for x in leaves]
@@ -250,7 +254,10 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
             return [g.astype(acc[i]) ** 2 for i, g in zip(idx, vjp(c)[0], strict=True)]
 
         (x, y, k), m = batch
-        return [_sum0(s) for s in jax.vmap(one)(x, y, k, m)]
+        sq = jax.vmap(one)(x, y, k, m)
+        if shardings is not None:  # per-example squares laid out like their leaf
+            sq = [constrain_stacked(s, shardings[i]) for i, s in zip(idx, sq, strict=True)]
+        return [_sum0(s) for s in sq]
 
     def fast_sq(batch):
         layers = graph.layers
@@ -303,9 +310,12 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast):
 
     sums = scan_sum(chunk_sums, xs, zeros)
     result = [(sums[i] / n).astype(acc[i]) for i in range(len(leaves))]
+    result = constrain(result, shardings)
     finite = lambda xs: jnp.array([jnp.all(jnp.isfinite(x)) for x in xs], bool)  # noqa: E731
     flags = (finite(leaves), finite(result), labels_in_range(labels, num_classes))
     return jax.tree_util.tree_unflatten(treedef, result), flags
 
 
-_fisher_jit = jax.jit(_impl, static_argnames=("logits_fn", "kind", "batch_size", "fast"))
+_fisher_jit = jax.jit(
+    _impl, static_argnames=("logits_fn", "kind", "batch_size", "fast", "shardings")
+)
