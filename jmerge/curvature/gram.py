@@ -38,6 +38,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jmerge.curvature._capture import LayerGraph, LayerInfo, capture, find_layers
 from jmerge.curvature._data import (
@@ -53,6 +54,7 @@ from jmerge.curvature._data import (
     labels_in_range,
     layer_grads,
     num_examples,
+    placed_shardings,
     probe,
     scan_sum,
 )
@@ -215,6 +217,59 @@ def _outer_sum(x: jax.Array) -> jax.Array:
     return jnp.einsum("ri,rj->ij", x, x, precision=_HIGHEST)
 
 
+def _axis_entry(entries: tuple) -> Any:
+    """The mesh axes of the flattened dims whose spec entries are ``entries``: the entry of a
+    single dim, None if no dim is sharded; ``False`` if several dims are (no layout for the
+    flattened axis)."""
+    if len(entries) == 1:
+        return entries[0]
+    return None if all(e is None for e in entries) else False
+
+
+def _factor_sharding(kernel: NamedSharding | None, d_in: int, side: str, shape) -> Any:
+    """The sharding of a ``(d, d)`` factor of a kernel placed by ``kernel``: ``side="in"``
+    (a Gram, K-FAC's A: columns sharded like the kernel's input axis, ``P(None, s_in)``) or
+    ``"out"`` (K-FAC's B: rows sharded like its output axis, ``P(s_out, None)``). With these,
+    ``G W`` and ``A W B`` contract each sharded axis locally (partial sums, then a reduction)
+    and need no gather of the kernel; a kernel sharded on its output axis only gets a
+    replicated Gram / A, and every mat-vec with it is local. Replicated when the kernel's
+    flattened axis has no single layout (several of its dims sharded). None when ``kernel`` is.
+    """
+    if kernel is None:
+        return None
+    spec = tuple(kernel.spec) + (None,) * (len(shape) - len(kernel.spec))
+    k = next(j for j in range(len(shape) + 1) if math.prod(shape[:j]) == d_in)
+    entry = _axis_entry(spec[:k] if side == "in" else spec[k:])
+    if entry is False:
+        entry = None
+    pspec = PartitionSpec(None, entry) if side == "in" else PartitionSpec(entry, None)
+    return NamedSharding(kernel.mesh, pspec)
+
+
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else lax.with_sharding_constraint(x, sharding)
+
+
+def _rows_layout(shardings: tuple | None) -> Any:
+    """The layout of the ``(B, R, d)`` rows of a layer's inputs (or output gradients) that
+    :func:`_outer_sum` contracts: the feature axis whole on every device, the example axes
+    left to XLA (they stay sharded over the data axis). ``Σ_rows x xᵀ`` is then a local
+    matmul per data shard followed by a reduction over the data axis; without it XLA computes
+    row blocks of the ``(d, d)`` sum and all-gathers the result over the model axis.
+
+    On the parameters' mesh (eager call), or the context mesh of ``jax.set_mesh`` under an
+    outer ``jit``; None (no constraint) without a mesh or with Explicit axes (whose types
+    carry the layout)."""
+    u = PartitionSpec.UNCONSTRAINED
+    spec = PartitionSpec(u, u, None)
+    if shardings is not None:
+        return NamedSharding(shardings[0].mesh, spec)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or any(t != AxisType.Auto for t in mesh.axis_types):
+        return None
+    return spec
+
+
 # ------------------------------------------------------------------------------------ gram
 
 
@@ -284,13 +339,19 @@ def gram(
     batch_size = check_batch_size(batch_size)
     num_examples(inputs)
     grams = _gram_jit(
-        params, inputs, apply_fn=apply_fn, normalize=normalize, batch_size=batch_size, tied=tied
+        params,
+        inputs,
+        apply_fn=apply_fn,
+        normalize=normalize,
+        batch_size=batch_size,
+        tied=tied,
+        shardings=placed_shardings(params),
     )
     runtime_check_finite(grams, name="gram")
     return BlockGram(grams, rest=rest)
 
 
-def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied):
+def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied, shardings):
     n = num_examples(inputs)
     probe(apply_fn, "apply_fn", params, inputs)
     graph = find_layers(apply_fn, params, inputs)
@@ -310,16 +371,24 @@ def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied):
             for s in ss:
                 (a,) = cap.inputs[s.layer]
                 a = _rows(a, s.act_order, s.d_in, compute_dtype(a.dtype))
+                a = _constrain(a, _rows_layout(shardings))
                 parts.append(jnp.where(m[:, None, None], a, 0))
             out[i] = sum(_outer_sum(a) for a in parts)
         return out
 
     sums = scan_sum(chunk_sum, (xs, mask))
     scale = 1.0 / n if normalize == "mean" else 1.0
-    return {graph.leaf_paths[i]: g * jnp.asarray(scale, g.dtype) for i, g in sums.items()}
+    out = {}
+    for i, g in sums.items():
+        spec = None if shardings is None else shardings[i]
+        layout = _factor_sharding(spec, dense[i][0].d_in, "in", graph.leaf_specs[i].shape)
+        out[graph.leaf_paths[i]] = _constrain(g * jnp.asarray(scale, g.dtype), layout)
+    return out
 
 
-_gram_jit = jax.jit(_gram_impl, static_argnames=("apply_fn", "normalize", "batch_size", "tied"))
+_gram_jit = jax.jit(
+    _gram_impl, static_argnames=("apply_fn", "normalize", "batch_size", "tied", "shardings")
+)
 
 
 # ------------------------------------------------------------------------------------ K-FAC
@@ -402,13 +471,14 @@ def kfac_factors(
         kind=kind,
         batch_size=batch_size,
         tied=tied,
+        shardings=placed_shardings(params),
     )
     check_labels_range(labels_ok, labels, logits_fn, params, inputs)
     runtime_check_finite(factors, name="kfac_factors")
     return KFAC(factors, rest=rest)
 
 
-def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied):
+def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied, shardings):
     n = num_examples(inputs)
     logits = probe(logits_fn, "logits_fn", params, inputs)
     _, num_classes = check_logits(logits, labels, n)
@@ -439,12 +509,13 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
         out = {}
         for i, ss in dense.items():
             a_sum = b_sum = 0
+            layout = _rows_layout(shardings)
             for s in ss:
                 aj, gj = a[s.layer], g[s.layer]  # (B, *in_shape), (B, C, *out_shape)
                 aj = _rows(aj, s.act_order, s.d_in, compute_dtype(aj.dtype))
-                aj = jnp.where(m[:, None, None], aj, 0)
+                aj = jnp.where(m[:, None, None], _constrain(aj, layout), 0)
                 gj = gj.reshape(-1, *gj.shape[2:])
-                gj = _rows(gj, s.out_order, s.d_out, compute_dtype(gj.dtype))
+                gj = _constrain(_rows(gj, s.out_order, s.d_out, compute_dtype(gj.dtype)), layout)
                 a_sum = a_sum + _outer_sum(aj)
                 b_sum = b_sum + _outer_sum(gj)
             out[i] = (a_sum, b_sum)
@@ -454,11 +525,23 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
     out = {}
     for i, (a_sum, b_sum) in sums.items():
         rows = sum(s.rows for s in dense[i])
+        spec, shape, d_in = (
+            None if shardings is None else shardings[i],
+            graph.leaf_specs[i].shape,
+            dense[i][0].d_in,
+        )
         out[graph.leaf_paths[i]] = (
-            a_sum / jnp.asarray(n * rows, a_sum.dtype),
-            b_sum / jnp.asarray(n, b_sum.dtype),
+            _constrain(
+                a_sum / jnp.asarray(n * rows, a_sum.dtype),
+                _factor_sharding(spec, d_in, "in", shape),
+            ),
+            _constrain(
+                b_sum / jnp.asarray(n, b_sum.dtype), _factor_sharding(spec, d_in, "out", shape)
+            ),
         )
     return out, labels_ok
 
 
-_kfac_jit = jax.jit(_kfac_impl, static_argnames=("logits_fn", "kind", "batch_size", "tied"))
+_kfac_jit = jax.jit(
+    _kfac_impl, static_argnames=("logits_fn", "kind", "batch_size", "tied", "shardings")
+)

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jmerge.curvature._data import constrain, placed_shardings
 from jmerge.tree import cast_like, check_same_shapes, compute_dtype
 
 __all__ = ["hvp", "ggn_vp", "fisher_vp"]
@@ -45,7 +46,15 @@ def _gauss_newton(
     ``z = f(params)``: one ``jax.jvp`` (z and J v) and one ``jax.vjp`` (Jᵀ u)."""
     z, jv = jax.jvp(f, (params,), (_tangent(v, params),))
     _, vjp_fn = jax.vjp(f, params)
-    return vjp_fn(curvature(z, jv))[0]
+    return _like_v(vjp_fn(curvature(z, jv))[0], v)
+
+
+def _like_v(out: PyTree, v: PyTree) -> PyTree:
+    """``out`` placed like ``v`` when ``v`` is a concrete sharded pytree (an eager product):
+    the pullback would otherwise come back laid out like the model's activations (a
+    replicated bias sharded over the model axis). Under ``jit`` (traced ``v``) unchanged: the
+    caller's ``out_shardings`` decide."""
+    return constrain(out, placed_shardings(v))
 
 
 def hvp(
@@ -65,9 +74,8 @@ def hvp(
     Returns:
       A pytree shaped like ``params``: H v with H = ∂²L/∂θ².
     """
-    v = _tangent(v, params)
     grad_fn = jax.grad(lambda p: loss_fn(p, batch))
-    return jax.jvp(grad_fn, (params,), (v,))[1]
+    return _like_v(jax.jvp(grad_fn, (params,), (_tangent(v, params),))[1], v)
 
 
 def ggn_vp(
