@@ -201,9 +201,10 @@ def main(argv=None) -> None:
         print(f"{'method':16} {'jmerge s':>9} {'jmerge MB':>10} {'copy/jmerge':>12}"
               + (f" {'mergekit s':>11} {'mergekit MB':>12} {'speedup':>8} {'max rel diff':>13}"
                  if mk else ""))
+        print("-" * (52 + (47 if mk else 0)))
         for r in rows:
             line = (f"{r['method']:16} {r['jmerge_s']:9.2f} {r['jmerge_anon_MB']:10.0f} "
-                    f"{r['copy_ratio']:12.2f}")
+                    f"{r['copy_ratio']:12.3g}")
             if mk:
                 line += (f" {r['mergekit_s']:11.2f} {r['mergekit_anon_MB']:12.0f} "
                          f"{r['speedup']:8.1f} {r['max_rel_diff']:13.2e}")

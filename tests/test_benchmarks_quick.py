@@ -46,14 +46,15 @@ def outputs():
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     procs = {
         name: subprocess.Popen(
-            [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--repeats", "1"],
+            [sys.executable, str(BENCH / f"{name}.py"), "--quick",
+             *(() if name == "bench_merge_io" else ("--repeats", "1"))],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for name in ("bench_curvature", "bench_merges")
+        for name in ("bench_curvature", "bench_merges", "bench_sharding", "bench_merge_io")
     }
     out = {}
     for name, p in procs.items():
@@ -115,3 +116,22 @@ def test_bench_merges_quick(outputs):
         int(mats_rows[name][3].split()[0])  # CG steps
         _positive(mats_rows[name][4])  # solve / steps
         _positive(mats_rows[name][6])  # one summed mat-vec
+
+
+@pytest.mark.slow
+def test_bench_sharding_quick(outputs):
+    text = outputs["bench_sharding"]
+    assert "PASS collectives per CG iteration all scalar" in text
+    assert {r[0] for r in _table(text, "merge")} >= {"average", "ties", "mats (CG)"}
+
+
+@pytest.mark.slow
+def test_bench_merge_io_quick(outputs):
+    text = outputs["bench_merge_io"]
+    rows = {r[0]: r for r in _table(text, "method")}
+    assert set(rows) == {"task_arithmetic", "ties", "dare_ties"}
+    for row in rows.values():
+        _positive(row[1])  # jmerge seconds
+        _positive(row[2])  # peak anonymous MB
+        _positive(row[3])  # copy time / jmerge time
+    assert re.search(r"orbax, one model: save [\d.]+ s, restore [\d.]+ s", text)
