@@ -187,23 +187,37 @@ def _rescaled(x: jax.Array, keep: jax.Array, rescale: bool) -> jax.Array:
     return jnp.where(small, masked, masked * (before / jnp.where(small, 1, after)))
 
 
+def _kth_per_model(mags: jax.Array, ks: tuple[int | None, ...]) -> jax.Array:
+    """Row i's k_i-th largest entry of ``mags`` (N, n) -> (N,); rows with k_i None get 0.
+
+    Rows sharing a k (the usual case: one density for all models) go through one batched
+    :func:`kth_largest` call, so a merge compiles one selection per distinct k, not per model.
+    """
+    out = jnp.zeros(mags.shape[:1], mags.dtype)
+    for k in sorted({k for k in ks if k is not None}):
+        rows = np.asarray([i for i, ki in enumerate(ks) if ki == k])
+        out = out.at[rows].set(kth_largest(mags[rows], k))
+    return out
+
+
+def _row_flags(flags: list[bool], ndim: int) -> jax.Array:
+    return _bcast(jnp.asarray(flags, bool), ndim)
+
+
 def _magnitude_keep(delta: jax.Array, densities: tuple[float, ...]) -> jax.Array:
     """sparsify.magnitude: keep the k = max(1, ⌊density·n⌋) largest |δ| of each model (ties kept).
 
     density ≥ 1 keeps everything, density ≤ 0 nothing. ``delta``: (N, *s) -> bool (N, *s).
     """
-    n = math.prod(delta.shape[1:])
-    rows = []
-    for i, d in enumerate(densities):
-        mag = jnp.abs(delta[i])
-        if d >= 1:
-            rows.append(jnp.ones(mag.shape, bool))
-        elif d <= 0 or n == 0:
-            rows.append(jnp.zeros(mag.shape, bool))
-        else:
-            k = max(1, int(d * n))
-            rows.append(mag >= kth_largest(mag.reshape(-1), k))
-    return jnp.stack(rows)
+    num, n = delta.shape[0], math.prod(delta.shape[1:])
+    mag = jnp.abs(delta)
+    if n == 0:
+        return jnp.zeros(delta.shape, bool)
+    ks = tuple(max(1, int(d * n)) if 0 < d < 1 else None for d in densities)
+    thr = _bcast(_kth_per_model(mag.reshape(num, n), ks), delta.ndim)
+    keep_all = _row_flags([d >= 1 for d in densities], delta.ndim)
+    keep_none = _row_flags([d <= 0 for d in densities], delta.ndim)
+    return keep_all | (~keep_none & (mag >= thr))
 
 
 def _outlier_keep(
@@ -217,26 +231,25 @@ def _outlier_keep(
     n_top' = n − n_bot − target = min(n_top, n − target). Ties at either end are kept.
     density ≥ 1 keeps everything.
     """
-    n = math.prod(delta.shape[1:])
-    rows = []
-    for i, (d, g) in enumerate(zip(densities, gammas, strict=True)):
-        mag = jnp.abs(delta[i])
-        if d >= 1:
-            rows.append(jnp.ones(mag.shape, bool))
-            continue
+    num, n = delta.shape[0], math.prod(delta.shape[1:])
+    mag = jnp.abs(delta)
+    if n == 0:
+        return jnp.zeros(delta.shape, bool)
+    lo_ks, hi_ks, keep_all, keep_none, cap = [], [], [], [], []
+    for d, g in zip(densities, gammas, strict=True):
         target = int(d * n)
-        n_top = int(g * n)
-        n_bot = max(0, n - target - n_top)
-        top = n - n_bot - target  # entries dropped from the top
-        if target <= 0 or n == 0:
-            rows.append(jnp.zeros(mag.shape, bool))
-            continue
-        flat = mag.reshape(-1)
-        keep = mag >= kth_largest(flat, top + target)
-        if top > 0:
-            keep = keep & (mag <= kth_largest(flat, top + 1))
-        rows.append(keep)
-    return jnp.stack(rows)
+        top = n - max(0, n - target - int(g * n)) - target  # entries dropped from the top
+        active = d < 1 and target > 0
+        keep_all.append(d >= 1)
+        keep_none.append(d < 1 and target <= 0)
+        lo_ks.append(top + target if active else None)
+        hi_ks.append(top + 1 if active and top > 0 else None)
+        cap.append(active and top > 0)
+    flat = mag.reshape(num, n)
+    lo = _bcast(_kth_per_model(flat, tuple(lo_ks)), delta.ndim)
+    hi = _bcast(_kth_per_model(flat, tuple(hi_ks)), delta.ndim)
+    keep = (mag >= lo) & (~_row_flags(cap, delta.ndim) | (mag <= hi))
+    return _row_flags(keep_all, delta.ndim) | (~_row_flags(keep_none, delta.ndim) & keep)
 
 
 def _della_probs(delta: jax.Array, density: jax.Array, epsilon: jax.Array) -> jax.Array:

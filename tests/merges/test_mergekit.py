@@ -18,7 +18,7 @@ W = [1.0, 0.6, -0.3]
 D = [0.5, 0.3, 0.8]
 G = [0.1, 0.05, 0.2]
 E = [0.1, 0.2, 0.15]
-CASES = [*((s, np.float32) for s in SHAPES), ((3, 4, 5), jnp.bfloat16), ((13,), jnp.bfloat16)]
+CASES = [((6, 7), np.float32), ((3, 4, 5), np.float32), ((13,), jnp.bfloat16)]
 BF16_TOL = dict(rtol=1e-2, atol=2e-2)
 
 
@@ -51,14 +51,18 @@ def _close(ours, expected, dtype):
     chex.assert_trees_all_close(np.asarray(ours, np.float64), expected, **tol)
 
 
+# merge_methods/registry.py: (consensus, normalize, rescale) defaults of each method
+GTA_DEFAULTS = {
+    "task_arithmetic": (None, False, False), "ties": ("sum", True, False),
+    "dare_ties": ("sum", False, True), "dare_linear": (None, False, True),
+    "breadcrumbs": (None, False, False), "breadcrumbs_ties": ("sum", False, False),
+    "della": ("sum", True, True), "della_linear": (None, False, True),
+}
+
+
 def _gta_ref(name, b, ts, *, masks=None, **kw):
     """Reference for the generalized-task-arithmetic family with mergekit's defaults."""
-    defaults = {  # merge_methods/registry.py: (consensus, normalize, rescale)
-        "task_arithmetic": (None, False, False), "ties": ("sum", True, False),
-        "dare_ties": ("sum", False, True), "dare_linear": (None, False, True),
-        "breadcrumbs": (None, False, False), "breadcrumbs_ties": ("sum", False, False),
-        "della": ("sum", True, True), "della_linear": (None, False, True),
-    }
+    defaults = GTA_DEFAULTS
     consensus, normalize, rescale = defaults[name]
     consensus = kw.get("consensus", consensus)
     normalize = kw.get("normalize", normalize)
@@ -91,10 +95,18 @@ def _gta_ours(name, base, tensors, *, masks=None, **kw):
     return fn(*args, **kw)
 
 
-GTA = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-       "della", "della_linear"]
-OPTIONS = [{}, {"normalize": True, "lambda_": 0.7}, {"normalize": False, "rescale": True},
-           {"consensus": "count"}]
+GTA = list(GTA_DEFAULTS)
+
+
+def _options(name):
+    """The defaults, and every option flipped (consensus "count" where there is one)."""
+    consensus, normalize, rescale = GTA_DEFAULTS[name]
+    flipped = {"normalize": not normalize, "lambda_": 0.7}
+    if name != "task_arithmetic":
+        flipped["rescale"] = not rescale
+    if consensus is not None:
+        flipped["consensus"] = "count"
+    return [{}, flipped]
 
 
 def _fixed_masks(name, shape, b, ts):
@@ -112,12 +124,7 @@ class TestAgainstReference:
     def test_task_arithmetic_family(self, name, shape, dtype):
         base, tensors, b, ts = _inputs(shape, dtype=dtype)
         masks = _fixed_masks(name, shape, b, ts)
-        for kw in OPTIONS:
-            if "consensus" in kw and name in ("task_arithmetic", "dare_linear", "breadcrumbs",
-                                              "della_linear"):
-                continue
-            if "rescale" in kw and name == "task_arithmetic":
-                continue
+        for kw in _options(name):
             ours = _gta_ours(name, base, tensors, masks=masks, **kw)
             _close(ours, _gta_ref(name, b, ts, masks=masks, **kw), dtype)
 
@@ -142,23 +149,26 @@ class TestAgainstReference:
         for k in (1.0, 0.4, 0.0):
             _close(mk.sce(base, tensors, select_topk=k), ref.sce(b, ts, k), dtype)
 
-    @settings(max_examples=8, deadline=None)
+    @settings(max_examples=4, deadline=None)
     @given(seed=st.integers(0, 2**16), n=st.integers(1, 4), rows=st.integers(1, 3),
            cols=st.integers(2, 6), density=st.floats(0.05, 1.0), gamma=st.floats(0.0, 0.5))
     def test_trimming_any_shape(self, seed, n, rows, cols, density, gamma):
         """ties/breadcrumbs keep counts for any size, density and gamma (distinct magnitudes)."""
         rng = np.random.default_rng(seed)
-        b = rng.normal(size=(rows, cols))
-        ts = b + rng.normal(size=(n, rows, cols))
+        b32 = rng.normal(size=(rows, cols)).astype(np.float32)
+        ts32 = (b32 + rng.normal(size=(n, rows, cols))).astype(np.float32)
+        b, ts = b32.astype(np.float64), ts32.astype(np.float64)
         w = rng.uniform(0.2, 1.5, size=n)
-        ours = mk.ties(b, ts, w, [density] * n)
+        ours = mk.ties(b32, ts32, w, [density] * n)
         expected = ref.gta(b, ts, w, lambda i, x: ref.magnitude(x, density, False),
                            consensus="sum", normalize=True, lam=1.0)
-        chex.assert_trees_all_close(np.asarray(ours), expected, rtol=1e-6, atol=1e-6)
-        ours = mk.breadcrumbs(b, ts, w, [density] * n, [gamma] * n)
+        chex.assert_trees_all_close(np.asarray(ours, np.float64), expected, rtol=1e-5,
+                                    atol=1e-5)
+        ours = mk.breadcrumbs(b32, ts32, w, [density] * n, [gamma] * n)
         expected = ref.gta(b, ts, w, lambda i, x: ref.magnitude_outliers(x, density, gamma, 0),
                            consensus=None, normalize=False, lam=1.0)
-        chex.assert_trees_all_close(np.asarray(ours), expected, rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(np.asarray(ours, np.float64), expected, rtol=1e-5,
+                                    atol=1e-5)
 
 
 class TestEdgeCases:
@@ -401,7 +411,7 @@ def _mergekit():
 
 
 class TestAgainstMergekit:
-    @pytest.mark.parametrize("shape", SHAPES)
+    @pytest.mark.parametrize("shape", [(6, 7), (13,)])
     def test_all_methods(self, shape):
         torch, sparsify, registry, TensorGroup = _mergekit()
         base, tensors, _, _ = _inputs(shape, seed=3)
