@@ -94,12 +94,15 @@ def _micro_cfg():
         fisher_alphas=(1.0,),
         gm_alphas=(0.5, 1.0),
         gm_diag_priors=(1.0,),
+        gm_mf_alphas=(1.0,),
         gm_mf_priors=(0.1,),
         gm_mf_maxiter=3,
         mats_curvatures=("diag", "gram"),
         mats_inits=("ta",),
         mats_iters=(0, 3),
         mats_dampings=(0.0,),
+        mats_tr_iters=(3,),
+        mats_tr_dampings=(3.0,),
         ties=((0.5, 1.0),),
         dare=((0.5, 0.5),),
         regmean_alphas=(1.0,),
@@ -124,6 +127,7 @@ def test_digits_suite_micro_run_and_cache(tmp_path):
         "gradmatch_mf",
         "mats_diag",
         "mats_gram",
+        "mats_gram_tr",
     } <= methods
     for c in r.candidates:
         assert 0.0 <= c.val <= 2.0 and 0.0 <= c.test <= 2.0, c

@@ -202,39 +202,48 @@ class Config(NamedTuple):
     fisher_alphas: tuple[float, ...]
     gm_alphas: tuple[float, ...]
     gm_diag_priors: tuple[float, ...]
+    gm_mf_alphas: tuple[float, ...]
     gm_mf_priors: tuple[float, ...]
     gm_mf_maxiter: int
     mats_curvatures: tuple[str, ...]
     mats_inits: tuple[str, ...]
     mats_iters: tuple[int, ...]
     mats_dampings: tuple[float, ...]
+    mats_tr_iters: tuple[int, ...]
+    mats_tr_dampings: tuple[float, ...]
     ties: tuple[tuple[float, float], ...]
     dare: tuple[tuple[float, float], ...]
     regmean_alphas: tuple[float, ...]
 
 
 _ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+#: Full sizes. ``curv_examples`` 720 is every fine-tuning training image (40% of 1797): the
+#: quick mode's 128 left the matrix-free merges' KL 20-600x their quadratic model.
 FULL = Config(
     tasks=ALL_TASKS,
     pretrain_steps=2000,
     finetune_steps=400,
     finetune_lr=7e-4,
     multitask_steps=1500,
-    curv_examples=256,
+    curv_examples=720,
     ta_alphas=_ALPHAS,
     fisher_alphas=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
     gm_alphas=(0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
     gm_diag_priors=(0.1, 1.0, 10.0),
-    gm_mf_priors=(1e-2, 1e-1, 1.0),
+    gm_mf_alphas=(0.25, 0.5, 1.0, 2.0),
+    gm_mf_priors=(1e-2, 1e-1, 1.0, 3.0),
     gm_mf_maxiter=50,
-    mats_curvatures=("diag", "kfac", "gram", "fisher_mf", "ggn_mf"),
-    mats_inits=("ta", "average", "fisher"),
-    mats_iters=(0, 5, 10, 20, 50, 100),
-    mats_dampings=(0.0, 1e-2, 1e-1),
+    mats_curvatures=("diag", "kfac", "gram", "fisher_mf"),
+    mats_inits=("ta", "fisher"),
+    mats_iters=(0, 10, 30, 100),
+    mats_dampings=(0.0, 1e-1),
+    mats_tr_iters=(10, 30, 100),
+    mats_tr_dampings=(1.0, 3.0, 10.0),
     ties=tuple((d, a) for d in (0.1, 0.2, 0.5) for a in (0.5, 0.75, 1.0, 1.5)),
     dare=tuple((d, a) for d in (0.2, 0.5) for a in (0.2, 0.3, 0.5, 0.7)),
     regmean_alphas=(0.5, 0.9, 1.0),
 )
+#: Quick sizes (CI and ``python -m jmerge.demo``): one setting or a short grid per method.
 QUICK = Config(
     tasks=QUICK_TASKS,
     pretrain_steps=800,
@@ -246,14 +255,17 @@ QUICK = Config(
     fisher_alphas=(0.5, 1.0, 1.5),
     gm_alphas=(0.25, 0.5, 1.0, 2.0),
     gm_diag_priors=(0.1, 1.0),
-    gm_mf_priors=(1e-2, 1e-1),
+    gm_mf_alphas=(0.5, 1.0),
+    gm_mf_priors=(1e-1, 1.0),
     gm_mf_maxiter=20,
     mats_curvatures=("diag", "kfac", "gram", "fisher_mf"),
-    mats_inits=("ta", "fisher"),
+    mats_inits=("fisher",),
     mats_iters=(0, 10, 30),
-    mats_dampings=(0.0, 1e-1),
-    ties=((0.2, 0.75), (0.2, 1.0), (0.5, 1.0)),
-    dare=((0.5, 0.3), (0.5, 0.5)),
+    mats_dampings=(0.0,),
+    mats_tr_iters=(30,),
+    mats_tr_dampings=(3.0,),
+    ties=((0.2, 0.75), (0.5, 1.0)),
+    dare=((0.5, 0.3),),
     regmean_alphas=(0.9, 1.0),
 )
 
@@ -674,7 +686,7 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
             )
         )
         for d in cfg.gm_mf_priors:
-            for a in cfg.gm_alphas:
+            for a in cfg.gm_mf_alphas:
                 steps.append(
                     (
                         "gm_mf",
@@ -686,10 +698,14 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
                     )
                 )
 
-    # MaTS: init pytrees computed once (task arithmetic at its validation-chosen α).
-    mats_j = {
-        k: jax.jit(
-            lambda p, f, c, init, damp, k=k: jmerge.mats(
+    # MaTS: init pytrees computed once (task arithmetic at its validation-chosen α). Two
+    # rows per curvature: ``mats_<kind>`` damps towards θ0 (``damping_anchor="pretrained"``,
+    # iterations from 0, i.e. the init itself); ``mats_<kind>_tr`` is a trust region around
+    # the init (``damping_anchor="init"``, δ relative to the mean curvature diagonal): CG may
+    # only move as far from the init as the damping allows.
+    def mats_fn(k: int, anchor: str):
+        return jax.jit(
+            lambda p, f, c, init, damp: jmerge.mats(
                 p,
                 f,
                 c,
@@ -698,11 +714,12 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
                 maxiter=k,
                 rtol=1e-6,
                 exclude=HEAD,
-                damping_anchor="pretrained",
+                damping_anchor=anchor,
             )
         )
-        for k in cfg.mats_iters
-    }
+
+    mats_j = {k: mats_fn(k, "pretrained") for k in cfg.mats_iters}
+    mats_tr_j = {k: mats_fn(k, "init") for k in cfg.mats_tr_iters}
     inits: dict[str, PyTree] = {}
 
     def init_of(name: str) -> PyTree:
@@ -716,6 +733,10 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
             else:
                 inits[name] = fisher_j(p0, ft, curv.fisher)
         return inits[name]
+
+    def mats_step(name, fn, ops, init, damp, k):
+        setting = {"init": init, "damp": damp, "iters": k}
+        add(name, setting, fn(p0, ft, ops, init_of(init), jnp.float32(damp)))
 
     for kind in cfg.mats_curvatures:
         ops = curv.ops[kind]
@@ -734,19 +755,17 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
                     )
                 )
             continue
-        for init in cfg.mats_inits:
-            for damp in cfg.mats_dampings:
-                for k in cfg.mats_iters:
-                    steps.append(
-                        (
-                            "mats",
-                            lambda ops=ops, kind=kind, init=init, damp=damp, k=k: add(
-                                f"mats_{kind}",
-                                {"init": init, "damp": damp, "iters": k},
-                                mats_j[k](p0, ft, ops, init_of(init), jnp.float32(damp)),
-                            ),
+        for suffix, dampings, iters, fns in (
+            ("", cfg.mats_dampings, cfg.mats_iters, mats_j),
+            ("_tr", cfg.mats_tr_dampings, cfg.mats_tr_iters, mats_tr_j),
+        ):
+            for init in cfg.mats_inits:
+                for damp in dampings:
+                    for k in iters:
+                        step = functools.partial(
+                            mats_step, f"mats_{kind}{suffix}", fns[k], ops, init, damp, k
                         )
-                    )
+                        steps.append(("mats", step))
 
     bar = tqdm(steps, desc="merge", disable=not progress, leave=False)
     for name, fn in bar:
@@ -985,39 +1004,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbones = ("mlp", "cnn", "vit") if args.backbone == "all" else (args.backbone,)
     start = time.perf_counter()
     for bb in backbones:
-        results = [run_seed(bb, s, cfg, cache, progress) for s in seeds]
-        tag = f"digits_{bb}{'_quick' if args.quick else ''}"
-        print(
-            f"\n## digits, {bb} backbone, {'quick' if args.quick else 'full'}; tasks "
-            f"{', '.join(cfg.tasks)}; seeds {list(seeds)}"
-        )
-        print(
-            f"‖τ_t‖/‖θ0‖ (backbone, mean over tasks): "
-            f"{np.mean([r.tau_ratio for r in results]):.3f}; fine-tuned test accuracy "
-            f"(mean over tasks): {np.mean([np.mean(r.ft_test_acc) for r in results]):.3f}"
-        )
-        for r in results:
-            s = r.seconds
-            print(
-                f"seed {r.seed}: train {s['train']:.1f} s"
-                f"{' (cache)' if s['cache_hit'] else ''}, curvature {s['curvature']:.1f} s, "
-                f"merges {s['merge']:.1f} s ({len(r.candidates)} merges)"
-            )
-        print(
-            "normalized accuracy = merged / fine-tuned test accuracy, per task (mean over "
-            "seeds) and averaged (mean ± std over seeds); settings chosen on validation"
-        )
-        print(summarize(results, markdown=args.markdown))
-        for line in claims(results):
-            print(line)
-        if not args.no_plots:
-            for p in make_plots(results, out):
-                print(f"plot: {p}")
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / f"{tag}.json", "w") as fh:
-            json.dump([_jsonable(r) for r in results], fh, indent=1)
+        results: list[SeedResult] = []
+        for seed in seeds:
+            results.append(run_seed(bb, seed, cfg, cache, progress))
+            # The report over the seeds done so far, after every seed: a long run that is
+            # stopped keeps its finished seeds (table, JSON, plots).
+            _report(results, cfg, args, out)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _report(results: Sequence[SeedResult], cfg: Config, args: argparse.Namespace, out: Path):
+    bb = results[0].backbone
+    tag = f"digits_{bb}{'_quick' if args.quick else ''}"
+    print(
+        f"\n## digits, {bb} backbone, {'quick' if args.quick else 'full'}; tasks "
+        f"{', '.join(cfg.tasks)}; seeds {[r.seed for r in results]}"
+    )
+    print(
+        f"‖τ_t‖/‖θ0‖ (backbone, mean over tasks): "
+        f"{np.mean([r.tau_ratio for r in results]):.3f}; fine-tuned test accuracy "
+        f"(mean over tasks): {np.mean([np.mean(r.ft_test_acc) for r in results]):.3f}"
+    )
+    for r in results:
+        s = r.seconds
+        print(
+            f"seed {r.seed}: train {s['train']:.1f} s"
+            f"{' (cache)' if s['cache_hit'] else ''}, curvature {s['curvature']:.1f} s, "
+            f"merges {s['merge']:.1f} s ({len(r.candidates)} merges)"
+        )
+    print(
+        "normalized accuracy = merged / fine-tuned test accuracy, per task (mean over "
+        "seeds) and averaged (mean ± std over seeds); settings chosen on validation"
+    )
+    print(summarize(results, markdown=args.markdown))
+    for line in claims(results):
+        print(line)
+    if not args.no_plots:
+        for p in make_plots(results, out):
+            print(f"plot: {p}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{tag}.json", "w") as fh:
+        json.dump([_jsonable(r) for r in results], fh, indent=1)
 
 
 def _jsonable(r: SeedResult) -> dict:
