@@ -93,12 +93,12 @@ def _histogram(digit: jax.Array, bins: int, batch_ndim: int) -> jax.Array:
     )
 
     def one(d):
-        d = d.reshape(-1, 1)
-        ones = jnp.ones(d.shape[:1], jnp.int32)
+        # Indices keep d's own shape (no reshape to a vector): flattening an array sharded on
+        # a minor axis would make XLA's partitioner all-gather it before the scatter.
         return jax.lax.scatter_add(
             jnp.zeros((bins,), jnp.int32),
-            d,
-            ones,
+            d[..., None],
+            jnp.ones(d.shape, jnp.int32),
             dnums,
             mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
         )
