@@ -85,7 +85,8 @@ PRINCIPLED_METHODS: dict[str, MethodSpec] = {
         {"maxiter": Param(int, 100, "conjugate gradient iterations"),
          "rtol": Param(float, 1e-6, "relative residual tolerance"),
          "damping": Param(float, 0.0, "damping, relative to the mean curvature"),
-         "init": Param(str, "task_arithmetic", "initialisation of CG")}, False,
+         "init": Param(str, "task_arithmetic", "initialisation of CG"),
+         "curvature": Param(str, "fisher", "curvature files read: fisher, gram or kfac")}, False,
         "MaTS (jmerge.mats): curvature-weighted merge solved by CG"),
     "gradient_matching": MethodSpec(
         None, True, {"weight": Param(float, 1.0, "the model's α")},

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jmerge.config import MergeConfig, load_config, resolve_parameters
+from jmerge.config import ConfigError, MergeConfig, load_config, resolve_parameters
 from jmerge.io._memory import PeakMemory
 from jmerge.io.safetensors import SafetensorsCheckpoint, ShardedWriter
 
@@ -306,9 +306,11 @@ def _curvature_kind(config: MergeConfig) -> str:
     if method == "regmean":
         return "gram"
     if method == "mats":
-        params = config.parameters or {}
-        kind = params.get("curvature", "fisher")
-        return str(kind)
+        kind = str(resolve_parameters(config, "", 1, layer=None).global_["curvature"])
+        if kind not in ("fisher", "gram", "kfac"):
+            raise ConfigError(f"{config.source or 'config'}: mats: curvature must be one of "
+                              f"fisher, gram, kfac; got {kind!r}.")
+        return kind
     return "fisher"
 
 

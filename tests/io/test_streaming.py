@@ -292,6 +292,21 @@ def test_mats_from_files_equals_in_memory_with_relative_damping(flax_family, tmp
     _flat_close(tmp_path / "out", expected)
 
 
+def test_mats_with_gram_files_equals_in_memory(flax_family, tmp_path):
+    base, dirs, theta0, models, fishers, grams, f0 = flax_family
+    cfg = {"merge_method": "mats", "base_model": str(base),
+           "models": [{"model": str(d)} for d in dirs],
+           "parameters": {"curvature": "gram", "damping": 0.1, "maxiter": 200, "rtol": 1e-8}}
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    # Per-tensor solves with the whole model's damping unit equal one whole-model solve: the
+    # Gram curvature is block diagonal over tensors.
+    expected = jmerge.mats(theta0, models, grams, damping=0.1, maxiter=200, rtol=1e-8).params
+    _flat_close(tmp_path / "out", expected, rtol=1e-4)
+    bad = cfg | {"parameters": {"curvature": "hessian"}}
+    with pytest.raises(ConfigError, match="fisher, gram, kfac"):
+        plan_merge(bad)
+
+
 def test_missing_curvature_file_is_named(flax_family, tmp_path):
     base, dirs, *_ = flax_family
     cfg = {"merge_method": "regmean", "models": [{"model": str(base)}, {"model": str(dirs[0])}]}
