@@ -10,15 +10,22 @@ input validation is not timed:
 
 * ``copy``: ``x + c`` on every leaf of the stacked models with ``c = 0.0`` a traced scalar (so
   XLA cannot elide it): reads and writes T·n floats;
-* ``average``, ``task_arithmetic`` (α = 0.3), ``ties`` (density 0.2, per-tensor top-k),
+* ``average``, ``task_arithmetic`` (α = 0.3), ``ties`` (density 0.2, per-tensor threshold),
   ``dare`` (density 0.2), ``fisher_merge``, ``gradient_matching`` with diagonal curvatures
-  (the Fishers) and a scalar prior 1e-3 (the closed-form path).
+  (the Fishers) and a scalar prior 1e-3 (the closed-form path);
+* a second table, timed in the same rounds: ``ties (global)`` (one threshold over all leaves
+  of a model), ``dare_ties``, and the selection alone: ``kth_largest`` (the sort-free radix
+  select of :mod:`jmerge.merges._select`) of the magnitudes |θ_t − θ0| of the largest leaf,
+  next to ``lax.top_k`` of the same (only at ``--quick`` sizes or ``--top-k``: at 1e8 params it
+  takes minutes; its bytes are counted as the selection's input, T + 1 models' worth of
+  that leaf).
 
 Throughput is GB/s = (bytes read + bytes written) / time, counting the bytes a merge cannot
 avoid: its inputs once and its output once (T models; + θ0 for the merges that take task
 vectors; + T Fishers for the curvature merges; one model written). The ratio to ``copy``'s
-GB/s is the share of memory bandwidth a merge reaches (target ≥ 0.5 for all but TIES, whose
-top-k threshold is a selection over every tensor, not a streaming operation).
+GB/s is the share of memory bandwidth a merge reaches (target ≥ 0.5). TIES's exact threshold
+needs passes over the task vectors before the merge pass (two histogram passes for float32),
+so it moves its bytes about three times; its target is checked all the same.
 
 Part 2 — MaTS time split on a small MLP (T = 3 tasks, each with its own inputs, θ_t = θ0 +
 a perturbation), three curvature kinds:
@@ -32,7 +39,7 @@ operator), solve (the jitted ``mats`` call to rtol, right-hand side and objectiv
 CG steps, solve / steps, the marginal time of one CG iteration (t(k2) − t(k1)) / (k2 − k1) with
 rtol = 0, and that as a ratio to one Σ_t w_t C_t v mat-vec.
 
-Run: ``python benchmarks/bench_merges.py [--quick] [--repeats N]``.
+Run: ``python benchmarks/bench_merges.py [--quick] [--repeats N] [--params N] [--top-k]``.
 """
 
 from __future__ import annotations
@@ -50,11 +57,12 @@ from _timing import format_table, interleaved_medians, machine_info
 
 from jmerge.curvature.fisher import fisher_diag
 from jmerge.curvature.operators import MatrixFree, fisher_operator
+from jmerge.merges._select import kth_largest
 from jmerge.merges.basic import average, task_arithmetic
 from jmerge.merges.closed_form import fisher_merge
 from jmerge.merges.gradient_matching import gradient_matching
 from jmerge.merges.mats import mats
-from jmerge.merges.sparse import dare, ties
+from jmerge.merges.sparse import dare, dare_ties, ties
 
 F32 = jnp.float32
 NUM_MODELS = 4
@@ -96,15 +104,25 @@ def make_models(n: int, num_models: int, seed: int = 0):
     return tree(0), tree(1), tree(2)
 
 
-def bench_throughput(n: int, repeats: int, ties_repeats: int):
+MERGES = ["copy", "average", "task_arithmetic", "ties", "dare", "fisher_merge", "gradient_matching"]
+
+
+def bench_throughput(n: int, repeats: int, with_top_k: bool):
     pre, stacked, fishers = make_models(n, NUM_MODELS)
     jax.block_until_ready((pre, stacked, fishers))
     num = sum(x.size for x in jax.tree.leaves(pre))
     t, b = NUM_MODELS, 4 * num  # models, bytes of one model
     key = jax.random.key(1)
     zero = jnp.zeros((), F32)
+    big = max(jax.tree.leaves(pre), key=lambda x: x.size)
+    big_s = max(jax.tree.leaves(stacked), key=lambda x: x.size)
+    k_big = max(1, int(0.2 * big.size))
+    big_share = big.size / num  # the selection rows read one leaf, not the model
 
-    # name: (function, arguments, bytes read + bytes written, models' worth moved)
+    def mags(p, s):
+        return jnp.abs(s - p).reshape(t, -1)
+
+    # name: (function, arguments, models' worth read + written, how they add up)
     ops = {
         "copy": (lambda s, c: jax.tree.map(lambda x: x + c, s), (stacked, zero), 2 * t, f"{t}+{t}"),
         "average": (lambda s: average(s), (stacked,), t + 1, f"{t}+1"),
@@ -133,36 +151,61 @@ def bench_throughput(n: int, repeats: int, ties_repeats: int):
             2 * t + 2,
             f"1+{2 * t}+1",
         ),
+        "ties (global)": (
+            lambda p, s: ties(p, s, density=0.2, scope="global"),
+            (pre, stacked),
+            t + 2,
+            f"1+{t}+1",
+        ),
+        "dare_ties": (
+            lambda p, s, k: dare_ties(p, s, density=0.2, key=k),
+            (pre, stacked, key),
+            t + 2,
+            f"1+{t}+1",
+        ),
+        "kth_largest (largest leaf)": (
+            lambda p, s: kth_largest(mags(p, s), k_big),
+            (big, big_s),
+            (t + 1) * big_share,
+            f"({t}+1) x {big_share:.2f}",
+        ),
     }
-    # Compile ahead of time (timed), so that the slow TIES needs no warm-up run.
+    if with_top_k:
+        ops["lax.top_k (largest leaf)"] = (
+            lambda p, s: jax.lax.top_k(mags(p, s), k_big)[0][:, -1],
+            (big, big_s),
+            (t + 1) * big_share,
+            f"({t}+1) x {big_share:.2f}",
+        )
     compiled, compile_s = {}, {}
     for k, (fn, args, _, _) in ops.items():
         t0 = time.perf_counter()
         compiled[k] = jax.jit(fn).lower(*args).compile()
         compile_s[k] = time.perf_counter() - t0
-    thunk = lambda k: functools.partial(compiled[k], *ops[k][1])
-    times = interleaved_medians({k: thunk(k) for k in ops if k != "ties"}, repeats)
-    times["ties"] = interleaved_medians({"ties": thunk("ties")}, ties_repeats, warmup=0)["ties"]
+    out = {k: compiled[k](*ops[k][1]) for k in ops}
+    if with_top_k:  # the sort-free selection is exact: the same value as lax.top_k
+        kth, top = out["kth_largest (largest leaf)"], out["lax.top_k (largest leaf)"]
+        assert np.array_equal(np.asarray(kth), np.asarray(top)), (kth, top)
+    thunks = {k: functools.partial(compiled[k], *ops[k][1]) for k in ops}
+    times = interleaved_medians(thunks, repeats)
     gbs = {k: ops[k][2] * b / times[k] / 1e9 for k in ops}
-    rows = []
-    for k in ops:
+
+    def row(k):
         ratio = gbs[k] / gbs["copy"]
-        target = "" if k in ("copy", "ties") else ("PASS" if ratio >= 0.5 else "MISS")
-        rows.append(
-            [
-                k,
-                ops[k][3],
-                f"{ops[k][2] * b / 1e9:.3f}",
-                f"{1e3 * times[k]:.1f}",
-                f"{gbs[k]:.3g}",
-                f"{ratio:.3g}",
-                f"{compile_s[k]:.2f}",
-                ties_repeats if k == "ties" else repeats,
-                target,
-            ]
-        )
+        target = "" if k == "copy" or "(largest leaf)" in k else "PASS" if ratio >= 0.5 else "MISS"
+        return [
+            k,
+            ops[k][3],
+            f"{ops[k][2] * b / 1e9:.3f}",
+            f"{1e3 * times[k]:.1f}",
+            f"{gbs[k]:.3g}",
+            f"{ratio:.3g}",
+            f"{compile_s[k]:.2f}",
+            repeats,
+            target,
+        ]
+
     header = [
-        "merge",
         "models moved",
         "GB moved",
         "ms",
@@ -172,7 +215,11 @@ def bench_throughput(n: int, repeats: int, ties_repeats: int):
         "runs",
         "target >= 0.5",
     ]
-    return num, format_table(header, rows, "<>>>>>>><"), gbs
+    main = format_table(["merge", *header], [row(k) for k in MERGES], "<>>>>>>><")
+    extra = format_table(
+        ["variant", *header], [row(k) for k in ops if k not in MERGES], "<>>>>>>><"
+    )
+    return num, main, extra, gbs
 
 
 # ---------------------------------------------------------------------------- part 2
@@ -296,25 +343,25 @@ def main(argv=None):
         help="parameters per model for part 1 (default 1e8; --quick 1e6)",
     )
     parser.add_argument(
-        "--ties-repeats",
-        type=int,
-        default=None,
-        help="timed runs of TIES, without warm-up (default: 1 at >= 1e7 params, else --repeats)",
+        "--top-k",
+        action="store_true",
+        help="also time lax.top_k on the largest leaf (default: only with --quick)",
     )
     args = parser.parse_args(argv)
     n = int(args.params or (1e6 if args.quick else 1e8))
 
     print(machine_info())
-    ties_repeats = args.ties_repeats or (1 if n >= 10**7 else args.repeats)
-    num, table, gbs = bench_throughput(n, args.repeats, ties_repeats)
+    num, table, extra, gbs = bench_throughput(n, args.repeats, args.top_k or args.quick)
     print(
         f"\nElementwise merges: {NUM_MODELS} models x {num:,} float32 params "
         f"({NUM_MODELS * 4 * num / 1e9:.2f} GB stacked); compiled ahead of time, median of "
-        "'runs' timed calls after one warm-up call (TIES: no warm-up)\n"
+        "'runs' timed calls after one warm-up call\n"
         "GB/s = (bytes read + bytes written) / time; models moved = models' worth read + "
         "written (theta0 + models [+ Fishers] + output)"
     )
     print(table)
+    print("\nTIES and DARE variants and the selection alone, timed in the same rounds")
+    print(extra)
     desc, mats_table = bench_mats(args.quick, args.repeats)
     print(f"\nMaTS time split: {desc}")
     print(mats_table)
