@@ -39,6 +39,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -447,19 +448,87 @@ def _principled(plan: MergePlan, scale: float, t: TensorPlan, base, stack, param
     return tr(out["w"])
 
 
-def _merge_one(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays) -> jax.Array:
+_STATIC = frozenset({"density", "gamma"})
+"""Per-model parameters that fix how many entries the trimming methods keep (static)."""
+
+
+def _hashable(values: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(np.asarray(v).tolist()) if np.ndim(v) else v)
+                        for k, v in values.items()))
+
+
+@partial(jax.jit, static_argnames=("method", "static", "globals_", "out_dtype"))
+def _tensor_kernel(base, tensors, dynamic, key, *, method, static, globals_, out_dtype):
+    """One tensor of a mergekit method, compiled once per shape and static setting: the stack
+    of the inputs, the merge, the cast to the output dtype and the finiteness check fuse into
+    one program, so no (N, *s) float32 copy of the inputs is materialised outside it."""
     from jmerge.merges.mergekit import merge_tensor
 
+    per_model = dict(dynamic) | {k: np.asarray(v) for k, v in static}
+    merged = merge_tensor(method, base, jnp.stack(tensors), per_model, dict(globals_), key=key)
+    return merged.astype(out_dtype), jnp.all(jnp.isfinite(merged))
+
+
+_ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
+"""Methods whose result at an entry depends on that entry only (given the resolved
+parameters): merged in flat chunks."""
+_CHUNK = 1 << 22  # entries per chunk: 8 MiB of bf16 per input
+
+
+def _padded_size(n: int) -> int:
+    """Chunk length for a flat tensor of n entries: _CHUNK, or the next power of two (at least
+    1024) for smaller tensors, so that a whole model compiles a handful of programs."""
+    return _CHUNK if n >= _CHUNK else max(1024, 1 << (n - 1).bit_length())
+
+
+def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
+    """An elementwise method over flat chunks of fixed length (the last one zero-padded): the
+    process holds one output tensor plus one chunk per input, and every tensor of the model
+    runs one of a few compiled programs (one per chunk length)."""
+    n = math.prod(t.shape)
+    size = _padded_size(n)
+    flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
+    out = np.empty(n, t.dtype)
+    finite = True
+    static = {k: v for k, v in params.per_model.items() if k in _STATIC}
+    dynamic = {k: jnp.asarray(v) for k, v in params.per_model.items() if k not in _STATIC}
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+
+        def chunk(ref, start=start, stop=stop):
+            piece = flat[ref][start:stop]
+            if stop - start < size:
+                piece = np.pad(piece, (0, size - (stop - start)))
+            return jnp.asarray(piece)
+
+        base = None if config.base is None else chunk(config.base)
+        stack = tuple(chunk(ref) for ref in config.stack)
+        merged, ok = _tensor_kernel(base, stack, dynamic, None, method=config.merge_method,
+                                    static=_hashable(static), globals_=_hashable(params.global_),
+                                    out_dtype=np.dtype(t.dtype))
+        out[start:stop] = np.asarray(merged)[: stop - start]
+        finite = finite and bool(ok)
+    return out.reshape(t.shape), finite
+
+
+def _merge_one(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays):
+    """(merged tensor in the output dtype, all entries finite) for one tensor."""
     config = plan.config
     params = resolve_parameters(config, t.name, plan.num_layers)
+    if config.merge_method in _ELEMENTWISE:
+        return _merge_chunked(config, t, dict(zip(config.inputs, arrays, strict=True)), params)
     by_ref = dict(zip(config.inputs, arrays, strict=True))
     base = None if config.base is None else jnp.asarray(by_ref[config.base])
-    stack = [jnp.asarray(by_ref[ref]) for ref in config.stack]
+    stack = tuple(jnp.asarray(by_ref[ref]) for ref in config.stack)
     if config.merge_method in PRINCIPLED:
-        return _principled(plan, scale, t, base, stack, params)
+        merged = _principled(plan, scale, t, base, list(stack), params)
+        return merged.astype(t.dtype), jnp.all(jnp.isfinite(merged))
     key = _key_for(seed, t.name) if config.spec.random else None
-    return merge_tensor(config.merge_method, base, jnp.stack(stack), params.per_model,
-                        params.global_, key=key)
+    static = {k: v for k, v in params.per_model.items() if k in _STATIC}
+    dynamic = {k: jnp.asarray(v) for k, v in params.per_model.items() if k not in _STATIC}
+    return _tensor_kernel(base, stack, dynamic, key, method=config.merge_method,
+                          static=_hashable(static), globals_=_hashable(params.global_),
+                          out_dtype=np.dtype(t.dtype))
 
 
 def _scale_for(plan: MergePlan) -> float:
@@ -590,13 +659,13 @@ def merge_checkpoints(
                     if i + 1 < len(plan.tensors):
                         nxt = _views(plan, plan.tensors[i + 1])
                         prefetch.start(nxt)
-                    merged = _merge_one(plan, scale, seed, t, views)
-                    if not bool(jnp.all(jnp.isfinite(merged))):
+                    merged, finite = _merge_one(plan, scale, seed, t, views)
+                    if not bool(finite):
                         raise FloatingPointError(
                             f"{plan.config.merge_method}: the merged tensor {t.name!r} has "
                             "NaN or Inf entries; nothing was written."
                         )
-                    result = np.asarray(jax.device_get(merged.astype(t.dtype)))
+                    result = np.asarray(jax.device_get(merged))
                     writer.add(t.name, result)
                     written += math.prod(t.shape) * t.dtype.itemsize
                     del merged, result
