@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jmerge
 from benchmarks.quality._common import (
     RESULTS,
     Candidate,
@@ -65,6 +66,7 @@ from benchmarks.quality._common import (
     format_setting,
     mean_std,
     plot_curves,
+    select_by_validation,
     table,
 )
 
@@ -617,6 +619,31 @@ def text_curvatures(b: TextBench, models: Sequence[PyTree], domains: Sequence[st
 Score = Callable[[PyTree], tuple[float, float, Mapping[str, Any]]]
 
 
+# Module-level jitted merges: one compilation serves every seed, weight and grid point (the
+# hyperparameters are traced arguments; only the exclusion rule and the CG budget are static).
+
+
+@functools.partial(jax.jit, static_argnames=("exclude",))
+def _ta(p0, ft, alpha, exclude):
+    return jmerge.task_arithmetic(p0, ft, alpha, exclude=exclude)
+
+
+@functools.partial(jax.jit, static_argnames=("exclude", "maxiter"))
+def _gm(p0, ft, curvatures, alpha, prior, sizes, *, exclude, maxiter):
+    return jmerge.gradient_matching(
+        p0, ft, curvatures, alpha=alpha, prior=prior, dataset_sizes=sizes, maxiter=maxiter,
+        exclude=exclude,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("exclude", "maxiter"))
+def _mats(p0, ft, curvatures, init, damping, weights, *, exclude, maxiter):
+    return jmerge.mats(
+        p0, ft, curvatures, init=init, damping=damping, weights=weights, maxiter=maxiter,
+        rtol=1e-6, exclude=exclude,
+    )  # fmt: skip
+
+
 def run_methods(
     p0: PyTree,
     ft: Sequence[PyTree],
@@ -636,8 +663,6 @@ def run_methods(
     weights. MaTS starts from task arithmetic at its validation-chosen α (with the same
     weights); the ``diag`` row is the CG solve of the closed-form Fisher merge's system.
     """
-    import jmerge
-
     w = jnp.asarray([1.0] * len(ft) if weights is None else weights, jnp.float32)
     out: list[Candidate] = []
 
@@ -648,13 +673,17 @@ def run_methods(
         info = getattr(result, "info", None)
         if info is not None:
             extra["cg_steps"] = int(info.num_steps)
+            extra["converged"] = bool(info.converged)
+            extra["residual"] = float(info.residual_norm)
+            extra["objective"] = float(info.objective)
+            extra["objective_init"] = float(info.objective_init)
         out.append(Candidate(method, setting, va, te, extra))
 
     kw = {"exclude": exclude}
-    ta = jax.jit(lambda p, f, a: jmerge.task_arithmetic(p, f, a, **kw))
+    sizes = jnp.asarray(curv.sizes, jnp.float32)
     add("average", {}, jmerge.average(ft, w, pretrained=p0, **kw))
     for a in cfg.ta_alphas:
-        add("task_arith", {"a": a}, ta(p0, ft, a * w))
+        add("task_arith", {"a": a}, _ta(p0, ft, a * w, exclude))
     # TIES scales the merged task vector by one α: the weights scale the task vectors first.
     ft_w = (
         ft
@@ -677,54 +706,102 @@ def run_methods(
             merged = jmerge.regmean(ft, curv.ops["gram"], alpha=a, weights=w, pretrained=p0, **kw)
             add("regmean", {"offdiag": a}, merged)
 
-    gm_diag = jax.jit(
-        lambda p, f, c, a, prior: jmerge.gradient_matching(
-            p, f, c, alpha=a, prior=prior, dataset_sizes=curv.sizes, **kw
-        )
-    )
     for c in cfg.gm_diag_priors:
         prior = jax.tree.map(lambda x, c=c: c * curv.n0 * x, curv.fisher0)
         for a in cfg.gm_alphas:
-            add("gradmatch_diag", {"a": a, "c": c}, gm_diag(p0, ft, curv.fisher, a * w, prior))
+            res = _gm(p0, ft, curv.fisher, a * w, prior, sizes, exclude=exclude, maxiter=100)
+            add("gradmatch_diag", {"a": a, "c": c}, res)
     if "fisher_mf" in curv.ops:
-        gm_mf = jax.jit(
-            lambda p, f, c, a, d: jmerge.gradient_matching(
-                p,
-                f,
-                c,
-                alpha=a,
-                prior=d,
-                dataset_sizes=curv.sizes,
-                maxiter=cfg.gm_mf_maxiter,
-                **kw,
-            )
-        )
         for d in cfg.gm_mf_priors:
             for a in cfg.gm_alphas:
-                add(
-                    "gradmatch_mf",
-                    {"a": a, "prior": d},
-                    gm_mf(p0, ft, curv.ops["fisher_mf"], a * w, jnp.float32(d)),
-                )
+                res = _gm(
+                    p0, ft, curv.ops["fisher_mf"], a * w, jnp.float32(d), sizes,
+                    exclude=exclude, maxiter=cfg.gm_mf_maxiter,
+                )  # fmt: skip
+                add("gradmatch_mf", {"a": a, "prior": d}, res)
 
     a_ta = best_per_method([c for c in out if c.method == "task_arith"])["task_arith"]
-    init = ta(p0, ft, a_ta.setting["a"] * w)
-    mats = {
-        k: jax.jit(
-            lambda p, f, c, i, dmp, k=k: jmerge.mats(
-                p, f, c, init=i, damping=dmp, weights=w, maxiter=k, rtol=1e-6, **kw
-            )
-        )
-        for k in cfg.mats_iters
-        if k > 0
-    }
+    init = _ta(p0, ft, a_ta.setting["a"] * w, exclude)
     for kind in cfg.mats_curvatures:
         for damp in cfg.mats_dampings:
             for k in cfg.mats_iters:
                 # zero iterations: the initialisation itself (no solve to compile)
-                res = init if k == 0 else mats[k](p0, ft, curv.ops[kind], init, jnp.float32(damp))
+                res = init
+                if k > 0:
+                    res = _mats(
+                        p0, ft, curv.ops[kind], init, jnp.float32(damp), w,
+                        exclude=exclude, maxiter=k,
+                    )  # fmt: skip
                 add(f"mats_{kind}", {"damp": damp, "iters": k}, res)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics: does the merges' quadratic model hold where they land?
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _kl_sum(model: ByteLM, p_t: PyTree, p_m: PyTree, x: jax.Array) -> jax.Array:
+    lt = jax.nn.log_softmax(model.apply(p_t, x))
+    lm = jax.nn.log_softmax(model.apply(p_m, x))
+    return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - lm), (-2, -1)))
+
+
+def kl_over_quadratic(b: TextBench, merged: PyTree, inputs: Sequence[jax.Array]) -> list[float]:
+    """Per domain t: KL(p_θt ‖ p_merged) (summed over a window's tokens, mean over windows of
+    ``inputs[t]``) divided by its quadratic model ½ (θ − θ_t)ᵀ F_t (θ − θ_t), F_t the Fisher at
+    θ_t on the same windows (the curvature MaTS and Fisher merging minimise). 1 where the
+    quadratic model holds at the merged point; larger where the merge left its region."""
+    import optax.tree_utils as otu
+
+    from jmerge import curvature as jc
+
+    out = []
+    for p, x in zip(b.finetuned, inputs, strict=True):
+        d = jax.tree.map(jnp.subtract, merged, p)
+        quad = 0.5 * float(otu.tree_vdot(d, jc.fisher_operator(LogitsFn(b.model), p, x).mv(d)))
+        out.append(float(_kl_sum(b.model, p, merged, x)) / quad if quad > 0 else float("nan"))
+    return out
+
+
+def diagnose(seed: int, cfg: Config, cache: Path | None, a_ta: float) -> list[str]:
+    """Why MaTS with CG does what it does here: along CG iterations from task arithmetic (α =
+    ``a_ta``), the quadratic objective (``info.objective``), the validation gain share, and the
+    KL / quadratic-model ratio per domain, for each curvature; and the same numbers for the
+    closed-form Fisher merge and task arithmetic."""
+    b, _ = make_bench(seed, cfg, cache, log=lambda s: None)
+    curv = text_curvatures(b, b.finetuned, b.domains)
+    n = cfg.curv_windows
+    inputs = []
+    for i, d in enumerate(b.domains):
+        tr = b.seqs[d]["train"]
+        idx = np.sort(np.random.default_rng([b.seed, i, 3]).permutation(tr.shape[0])[:n])
+        inputs.append(jnp.asarray(tr[idx, :-1]))
+
+    def kept(params):
+        return float(gain_kept(b.loss_pre["val"], b.loss_ft["val"], b.losses(params, "val")).mean())
+
+    def line(name, params, obj=""):
+        r = kl_over_quadratic(b, params, inputs)
+        return f"{name:28s} val kept {kept(params):+.3f} {obj} KL/quad per domain " + " ".join(
+            f"{v:.2f}" for v in r
+        )
+
+    t = len(b.finetuned)
+    init = jmerge.task_arithmetic(b.theta0, b.finetuned, a_ta)
+    lines = [line(f"task_arith a={a_ta:g}", init)]
+    lines.append(line("fisher (closed form)", jmerge.fisher_merge(b.finetuned, curv.fisher)))
+    lines.append(line("average", jmerge.average(b.finetuned)))
+    for kind in cfg.mats_curvatures:
+        for k in (5, 20, 100):
+            res = jmerge.mats(
+                b.theta0, b.finetuned, curv.ops[kind], init=init, weights=[1.0] * t, maxiter=k,
+                damping=1e-2,
+            )  # fmt: skip
+            info = res.info
+            obj = f"objective {float(info.objective):.3g} (init {float(info.objective_init):.3g})"
+            lines.append(line(f"mats_{kind} δ=1e-2 iters={k}", res.params, obj))
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,8 +821,6 @@ class SeedResult(NamedTuple):
 def negation_rows(b: TextBench) -> dict[str, list[dict]]:
     """θ0 − α τ_d for every domain d and α: forgetting on d and the controls' loss change,
     both in units of the domain's fine-tuning gain and in nats (val and test)."""
-    import jmerge
-
     neg = jax.jit(lambda p, f, a: jmerge.negation(p, [f], a))
     out = {}
     for i, d in enumerate(b.domains):
@@ -866,15 +941,58 @@ def claims(results: Sequence[SeedResult]) -> list[str]:
         f"(a) gradient matching (diag) {gm:.3f} vs task arithmetic {ta:.3f}: "
         f"{'HOLDS' if gm > ta else 'FAILS'}"
     )
-    cg = {m: merges[m] for m in merges if m.startswith("mats_") and m != "mats_diag"}
+    # zero CG iterations is MaTS's task-arithmetic initialisation: (b) takes iters ≥ 1 only
+    cg = {}
+    for m in merges:
+        if m.startswith("mats_") and m != "mats_diag":
+            picks = [
+                select_by_validation(
+                    [c for c in r.candidates if c.method == m and c.setting["iters"] > 0]
+                )
+                for r in results
+            ]
+            cg[m] = (float(np.mean([c.test for c in picks])), picks)
     if cg:
-        m = max(cg, key=cg.get)
+        m = max(cg, key=lambda k: cg[k][0])
         f, rm = chosen("fisher"), chosen("regmean")
         lines.append(
-            f"(b) best MaTS with CG ({m}) {cg[m]:.3f} vs Fisher merging {f:.3f} and RegMean "
-            f"{rm:.3f}: {'HOLDS' if cg[m] > max(f, rm) else 'FAILS'}"
+            f"(b) best MaTS with CG (iters ≥ 1; {m}) {cg[m][0]:.3f} vs Fisher merging {f:.3f} "
+            f"and RegMean {rm:.3f}: {'HOLDS' if cg[m][0] > max(f, rm) else 'FAILS'}; "
+            "per curvature (val-chosen δ, iters): "
+            + ", ".join(
+                f"{k[5:]} {v:.3f} ({' / '.join(format_setting(c.setting) for c in p)})"
+                for k, (v, p) in cg.items()
+            )
         )
     return lines
+
+
+def load_json(path: Path) -> list[SeedResult]:
+    """Results saved by :func:`main` (``--report`` reprints their tables)."""
+    with open(path) as fh:
+        raw = json.load(fh)
+    keys = ("method", "setting", "val", "test")
+    return [
+        SeedResult(
+            d["seed"],
+            tuple(d["domains"]),
+            d["loss_pre"],
+            d["loss_ft"],
+            [
+                Candidate(
+                    c["method"],
+                    c["setting"],
+                    c["val"],
+                    c["test"],
+                    {k: v for k, v in c.items() if k not in keys},
+                )
+                for c in d["candidates"]
+            ],
+            d["negation"],
+            d["seconds"],
+        )  # fmt: skip
+        for d in raw
+    ]
 
 
 def _curve(results, method, x, fixed):
@@ -964,6 +1082,13 @@ def default_cache() -> str:
     return os.environ.get("JMERGE_CACHE", str(Path.home() / ".cache" / "jmerge" / "quality"))
 
 
+def use_compilation_cache(cache: Path | None) -> None:
+    """Keep XLA executables under ``cache/xla`` so that reruns skip compilation."""
+    if cache is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one seed (CI)")
@@ -972,11 +1097,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", default=str(RESULTS), help="folder for PNG, JSON, markdown")
     parser.add_argument("--markdown", action="store_true", help="markdown tables")
+    parser.add_argument(
+        "--diagnose",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="only print diagnose() for seed 0, CG from task arithmetic at ALPHA",
+    )
+    parser.add_argument("--report", default=None, help="reprint tables from a saved JSON")
     args = parser.parse_args(argv)
+    if args.report:
+        results = load_json(Path(args.report))
+        print(summarize(results, markdown=args.markdown))
+        print(summarize_negation(results, markdown=args.markdown))
+        print("\n".join(claims(results)))
+        return 0
     cfg = QUICK if args.quick else FULL
     seeds = range(args.seeds or (1 if args.quick else 3))
     cache = Path(args.cache) if args.cache else None
     out = Path(args.out)
+    use_compilation_cache(cache)
+    if args.diagnose is not None:
+        print("\n".join(diagnose(0, cfg, cache, args.diagnose)))
+        return 0
     start = time.perf_counter()
     results = [run_seed(s, cfg, cache) for s in seeds]
     tag = f"text{'_quick' if args.quick else ''}"
