@@ -2,8 +2,9 @@
 
 By default this runs ``benchmarks/quality/digits.py`` in its quick mode (MLP backbone, six
 input and label tasks on scikit-learn's 8×8 digits, θ0 pretrained on a broad mixture, every
-merge with its hyperparameters chosen on a validation split and reported on test; a few
-minutes on 2 CPU cores) and prints the comparison table with the validation-chosen settings;
+merge with its hyperparameters chosen on a validation split and reported on test; about
+70 s of CPU time, 2.5 min wall clock on 2 CPU cores shared with other jobs, training
+included) and prints the comparison table with the validation-chosen settings;
 ``--full`` runs the full sizes (eight tasks, three seeds, full grids), ``--backbone
 mlp|cnn|vit|all`` picks the backbone. The suite lives in the source tree
 (``benchmarks/quality``); from an install without it, or with ``--classic``, the demo runs

@@ -877,7 +877,9 @@ def curve(results: Sequence[SeedResult], method: str, x: str, fixed: Callable[[d
     return xs, [np.mean(y) for y in ys], [np.std(y) for y in ys]
 
 
-def make_plots(results: Sequence[SeedResult], out: Path) -> list[Path]:
+def make_plots(results: Sequence[SeedResult], out: Path, tag: str) -> list[Path]:
+    """``{tag}_alpha.png`` (accuracy against α) and ``{tag}_cg.png`` (MaTS against CG
+    iterations) under ``out``."""
     bb = results[0].backbone
     best = best_per_method(results[0].candidates)
     refs = {
@@ -900,7 +902,7 @@ def make_plots(results: Sequence[SeedResult], out: Path) -> list[Path]:
         )
     paths = [
         plot_curves(
-            out / f"digits_{bb}_alpha.png",
+            out / f"{tag}_alpha.png",
             curves,
             xlabel="α",
             ylabel="normalized accuracy (test)",
@@ -923,7 +925,7 @@ def make_plots(results: Sequence[SeedResult], out: Path) -> list[Path]:
     if curves:
         paths.append(
             plot_curves(
-                out / f"digits_{bb}_cg.png",
+                out / f"{tag}_cg.png",
                 curves,
                 xlabel="CG iterations",
                 ylabel="normalized accuracy (test)",
@@ -986,6 +988,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one seed (CI, demo)")
     parser.add_argument("--backbone", choices=("mlp", "cnn", "vit", "all"), default="mlp")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="report over the seeds saved in these JSON outputs (of runs split by seed)",
+    )
     parser.add_argument(
         "--cache",
         default=os.environ.get("JMERGE_CACHE", str(Path.home() / ".cache" / "jmerge" / "quality")),
@@ -997,12 +1006,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="markdown tables")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    seeds = range(args.seeds or (1 if args.quick else 3))
+    seeds = range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3)))
     cache = Path(args.cache) if args.cache else None
     progress = not args.no_progress
     out = Path(args.out)
     backbones = ("mlp", "cnn", "vit") if args.backbone == "all" else (args.backbone,)
     start = time.perf_counter()
+    if args.combine:
+        loaded = [r for f in args.combine for r in _load_json(Path(f))]
+        _report(sorted(loaded, key=lambda r: r.seed), cfg, args, out)
+        return 0
     for bb in backbones:
         results: list[SeedResult] = []
         for seed in seeds:
@@ -1041,11 +1054,27 @@ def _report(results: Sequence[SeedResult], cfg: Config, args: argparse.Namespace
     for line in claims(results):
         print(line)
     if not args.no_plots:
-        for p in make_plots(results, out):
+        for p in make_plots(results, out, tag):
             print(f"plot: {p}")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{tag}.json", "w") as fh:
         json.dump([_jsonable(r) for r in results], fh, indent=1)
+
+
+def _load_json(path: Path) -> list[SeedResult]:
+    """The :class:`SeedResult` s saved by :func:`_jsonable` (without merged parameters)."""
+    fields = ("method", "setting", "val", "test")
+    out = []
+    for d in json.loads(path.read_text()):
+        cands = [
+            Candidate(*(c[k] for k in fields), {k: v for k, v in c.items() if k not in fields})
+            for c in d["candidates"]
+        ]
+        refs = {k: tuple(v) for k, v in d["refs"].items()}
+        out.append(
+            SeedResult(**{**d, "candidates": cands, "refs": refs, "tasks": tuple(d["tasks"])})
+        )
+    return out
 
 
 def _jsonable(r: SeedResult) -> dict:
