@@ -493,11 +493,15 @@ def _zero_where(tree: PyTree, keys: set[str]) -> PyTree:
     )
 
 
-def compute_curvatures(b: Bench, kinds: Sequence[str], progress: bool) -> Curv:
+def compute_curvatures(
+    b: Bench, kinds: Sequence[str], progress: bool, num_examples: int | None = None
+) -> Curv:
+    """Every task's curvatures at θ_t on ``num_examples`` (default ``cfg.curv_examples``) of
+    its training inputs, and θ0's prior Fisher; see the module docstring."""
     from jmerge import curvature as jc
 
     logits = dx.LogitsFn(b.model)
-    n = b.cfg.curv_examples
+    n = b.cfg.curv_examples if num_examples is None else num_examples
     out: dict[str, list] = {k: [] for k in kinds}
     fisher, sampled, inputs = [], [], []
     x_tr, y_tr = b.xy["train"]
@@ -820,6 +824,58 @@ def run_seed(backbone: str, seed: int, cfg: Config, cache: Path | None, progress
     )
 
 
+def trust_region_sweep(
+    backbone: str,
+    seed: int,
+    cfg: Config,
+    cache: Path | None,
+    *,
+    examples: Sequence[int] = (128, 720),
+    kinds: Sequence[str] = ("kfac", "gram", "fisher_mf"),
+    settings: Sequence[tuple[str, float]] = (
+        ("pretrained", 0.0),
+        ("init", 1.0),
+        ("init", 3.0),
+        ("init", 10.0),
+    ),
+    iters: int = 30,
+    progress: bool = False,
+) -> list[tuple]:
+    """What the trust region and more curvature examples do to MaTS, one seed.
+
+    For each number of curvature examples n, curvature kind and (anchor, relative δ): MaTS
+    from the closed-form diagonal Fisher init with ``iters`` CG iterations; returns rows
+    ``(kind, n, anchor, δ, val, test, KL/quad)``. The KL/quadratic ratio is always measured
+    on the largest n's inputs and Fisher (the same yardstick for every row), so that only
+    the merge changes between rows.
+    """
+    import jmerge
+
+    b, _ = make_bench(backbone, seed, cfg, cache, progress)
+    curvs = {n: compute_curvatures(b, kinds, progress, num_examples=n) for n in examples}
+    yardstick = curvs[max(examples)]
+    p0, ft = b.trained.theta0, b.trained.finetuned
+    fns = {
+        a: jax.jit(
+            lambda p, f, c, init, d, a=a: jmerge.mats(
+                p, f, c, init=init, damping=d, damping_anchor=a, maxiter=iters, exclude=HEAD
+            )
+        )
+        for a in {a for a, _ in settings}
+    }
+    rows = []
+    for n, curv in curvs.items():
+        init = jmerge.fisher_merge(ft, curv.fisher, pretrained=p0, exclude=HEAD)
+        va, te, _ = b.score(init)
+        rows.append(("fisher (init)", n, "-", 0.0, va, te, kl_ratio(b, yardstick, init)))
+        for kind in kinds:
+            for anchor, damp in settings:
+                m = fns[anchor](p0, ft, curv.ops[kind], init, jnp.float32(damp)).params
+                va, te, _ = b.score(m)
+                rows.append((kind, n, anchor, damp, va, te, kl_ratio(b, yardstick, m)))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Reports
 
@@ -990,6 +1046,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
     parser.add_argument(
+        "--tr-sweep",
+        action="store_true",
+        help="only the trust-region / curvature-examples sweep of MaTS (first seed)",
+    )
+    parser.add_argument(
         "--combine",
         nargs="+",
         metavar="JSON",
@@ -1012,6 +1073,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     backbones = ("mlp", "cnn", "vit") if args.backbone == "all" else (args.backbone,)
     start = time.perf_counter()
+    if args.tr_sweep:
+        bb = backbones[0]
+        rows = trust_region_sweep(bb, seeds[0], cfg, cache, progress=progress)
+        print(
+            f"\n## MaTS trust region and curvature examples, digits {bb}, seed {seeds[0]}, "
+            "init closed-form Fisher, 30 CG iterations; KL/quad on every training input"
+        )
+        header = ["curvature", "examples", "anchor", "δ (rel.)", "val", "test", "KL/quad"]
+        fmt = [
+            [k, n, a, f"{d:g}", f"{v:.3f}", f"{t:.3f}", f"{r:.1f}"] for k, n, a, d, v, t, r in rows
+        ]
+        print(table(header, fmt, markdown=args.markdown))
+        return 0
     if args.combine:
         loaded = [r for f in args.combine for r in _load_json(Path(f))]
         _report(sorted(loaded, key=lambda r: r.seed), cfg, args, out)
