@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,11 +66,11 @@ class Grid(NamedTuple):
     regmean_alphas: tuple[float, ...] = (0.9, 1.0)
     gm_alphas: tuple[float, ...] = (0.5, 1.0)
     gm_diag_priors: tuple[float, ...] = (0.1, 1.0)
-    gm_mf_priors: tuple[float, ...] = (1e-2, 1e-1)
-    gm_mf_maxiter: int = 30
+    gm_mf_priors: tuple[float, ...] = (1e-1,)
+    gm_mf_maxiter: int = 20
     mats_curvatures: tuple[str, ...] = ("diag", "kfac", "gram", "fisher_mf")
-    mats_iters: tuple[int, ...] = (0, 20, 100)
-    mats_dampings: tuple[float, ...] = (0.0, 1e-2)
+    mats_iters: tuple[int, ...] = (0, 10, 50)
+    mats_dampings: tuple[float, ...] = (1e-2,)
 
 
 QUICK_GRID = Grid(
@@ -95,6 +97,23 @@ class Result(NamedTuple):
     target: tuple[float, float]
     intermediate_on_target: tuple[float, float]
     candidates: dict[float, list[Candidate]]
+    #: tr F_target / tr F_intermediate (diagonal Fisher, merged leaves): how much the
+    #: curvature-weighted merges let each model pull
+    fisher_trace_ratio: float = float("nan")
+
+
+def _trace_ratio(fishers: Sequence[PyTree], exclude: str | None) -> float:
+    """Σ F_0 / Σ F_1 over the leaves whose path does not match ``exclude``."""
+
+    def total(f):
+        leaves = jax.tree_util.tree_leaves_with_path(f)
+        return sum(
+            float(jnp.sum(x))
+            for p, x in leaves
+            if exclude is None or not re.search(exclude, jax.tree_util.keystr(p))
+        )
+
+    return total(fishers[0]) / total(fishers[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +171,8 @@ def digits_setting(seed: int, quick: bool) -> Result:
         )
         for w in WEIGHTS
     }
-    return Result("digits", seed, "accuracy", score(target)[:2], score(inter)[:2], cands)
+    ratio = _trace_ratio(curv.fisher, r"head")
+    return Result("digits", seed, "accuracy", score(target)[:2], score(inter)[:2], cands, ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +211,8 @@ def text_setting(
         )
         for w in WEIGHTS
     }
-    return Result("text", seed, "loss", score(theta_t)[:2], score(theta_i)[:2], cands)
+    ratio = _trace_ratio(curv.fisher, None)
+    return Result("text", seed, "loss", score(theta_t)[:2], score(theta_i)[:2], cands, ratio)
 
 
 # ---------------------------------------------------------------------------------------------
