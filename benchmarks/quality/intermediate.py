@@ -320,6 +320,13 @@ def claims(results: Sequence[Result]) -> list[str]:
     lines.append(
         f"[{r0.setting}] MaTS-CG (iters ≥ 1) vs closed forms at each w: " + "; ".join(per_w)
     )
+    ratios = [r.fisher_trace_ratio for r in results]
+    lines.append(
+        f"[{r0.setting}] tr F_target / tr F_intermediate (diagonal Fisher of each model on its "
+        f"own curvature examples, merged leaves): {np.mean(ratios):.3g} (per seed "
+        + ", ".join(f"{v:.3g}" for v in ratios)
+        + ")"
+    )
     return lines
 
 
@@ -347,7 +354,8 @@ def load_json(path: Path) -> list[Result]:
                 tuple(d["target"]),
                 tuple(d["intermediate_on_target"]),
                 cands,
-            )  # fmt: skip
+                d.get("fisher_trace_ratio", float("nan")),
+            )
         )
     return out
 
