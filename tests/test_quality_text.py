@@ -148,3 +148,12 @@ def test_intermediate_w_chosen_on_validation_not_test():
     assert "w=0.1, a=1" in out and "0.100 ± 0.000" in out
     rl = r._replace(metric="loss")
     assert "-0.1000" in im.summarize([rl])  # scores are −loss, shown as loss
+
+
+def test_intermediate_fisher_statistics():
+    f_t = {"params": {"head": {"k": np.ones(3)}, "w": np.array([1.0, 0.5, 0.1, 0.0])}}
+    f_i = {"params": {"head": {"k": np.full(3, 100.0)}, "w": np.array([2.0, 2.0, 2.0, 2.0])}}
+    # head excluded; w·F_i > F_t at w = 0.1: coords 2 (0.2 > 0.1), 3; at 0.3: 1 (0.6 > 0.5), 2, 3
+    dom = im._dominant([f_t, f_i], r"head")
+    np.testing.assert_allclose(dom, [0.5, 0.5, 0.75, 0.75])
+    np.testing.assert_allclose(im._trace_ratio([f_t, f_i], r"head"), 1.6 / 8.0)
