@@ -458,20 +458,28 @@ def _hashable(values: Mapping[str, Any]) -> tuple:
 
 
 @partial(jax.jit, static_argnames=("method", "static", "globals_", "out_dtype"))
-def _tensor_kernel(base, tensors, dynamic, key, *, method, static, globals_, out_dtype):
-    """One tensor of a mergekit method, compiled once per shape and static setting: the stack
-    of the inputs, the merge, the cast to the output dtype and the finiteness check fuse into
-    one program, so no (N, *s) float32 copy of the inputs is materialised outside it."""
+def _tensor_kernel(base, tensors, dynamic, key, masks=None, scales=None, *, method, static,
+                   globals_, out_dtype):
+    """One tensor (or piece) of a mergekit method, compiled once per shape and static setting:
+    the stack of the inputs, the merge, the cast to the output dtype and the finiteness check
+    fuse into one program, so no (N, *s) float32 copy of the inputs is materialised outside
+    it. ``masks``/``scales``: the sparsifying methods' masks and L1 factors of the whole
+    tensor (:func:`jmerge.merges.mergekit.sparsify_task_vector`)."""
     from jmerge.merges.mergekit import merge_tensor
 
     per_model = dict(dynamic) | {k: np.asarray(v) for k, v in static}
-    merged = merge_tensor(method, base, jnp.stack(tensors), per_model, dict(globals_), key=key)
+    merged = merge_tensor(method, base, jnp.stack(tensors), per_model, dict(globals_), key=key,
+                          masks=None if masks is None else jnp.stack(masks), scales=scales)
     return merged.astype(out_dtype), jnp.all(jnp.isfinite(merged))
 
 
 _ELEMENTWISE = frozenset({"linear", "task_arithmetic"})
 """Methods whose result at an entry depends on that entry only (given the resolved
 parameters): merged in flat chunks."""
+_SPARSIFYING = frozenset({"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                          "della", "della_linear"})
+"""Methods that are elementwise once each model's keep mask and L1 factor are known: the masks
+are computed one model at a time over the whole tensor, then the merge runs in chunks."""
 _CHUNK = 1 << 22  # entries per chunk: 8 MiB of bf16 per input
 
 
@@ -481,10 +489,31 @@ def _padded_size(n: int) -> int:
     return _CHUNK if n >= _CHUNK else max(1024, 1 << (n - 1).bit_length())
 
 
-def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
-    """An elementwise method over flat chunks of fixed length (the last one zero-padded): the
-    process holds one output tensor plus one chunk per input, and every tensor of the model
-    runs one of a few compiled programs (one per chunk length)."""
+def _sparsify(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, seed: int):
+    """Each model's keep mask (flat bool, host) and L1 factor over the whole tensor, one model
+    at a time, so that only one model's task vector is ever expanded in memory."""
+    from jmerge.merges.mergekit import sparsify_task_vector
+
+    base = jnp.asarray(by_ref[config.base])
+    key = _key_for(seed, t.name) if config.spec.random else None
+    masks, scales = [], []
+    for i, ref in enumerate(config.stack):
+        mine = {k: v[i] for k, v in params.per_model.items()}
+        keep, scale = sparsify_task_vector(
+            config.merge_method, base, jnp.asarray(by_ref[ref]), mine, params.global_,
+            key=None if key is None else jax.random.fold_in(key, i))
+        masks.append(np.asarray(keep).reshape(-1))
+        scales.append(scale)
+        del keep
+    return masks, jnp.stack(scales)
+
+
+def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
+                   masks=None, scales=None):
+    """An elementwise method (or a sparsifying one given its masks and factors) over flat
+    chunks of fixed length (the last one zero-padded): the process holds one output tensor
+    plus one chunk per input, and every tensor of the model runs one of a few compiled
+    programs (one per chunk length)."""
     n = math.prod(t.shape)
     size = _padded_size(n)
     flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
@@ -492,19 +521,21 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
     finite = True
     static = {k: v for k, v in params.per_model.items() if k in _STATIC}
     dynamic = {k: jnp.asarray(v) for k, v in params.per_model.items() if k not in _STATIC}
+
+    def pad(piece, start, stop):
+        if stop - start < size:
+            piece = np.pad(piece, (0, size - (stop - start)))
+        return jnp.asarray(piece)
+
     for start in range(0, n, size):
         stop = min(start + size, n)
-
-        def chunk(ref, start=start, stop=stop):
-            piece = flat[ref][start:stop]
-            if stop - start < size:
-                piece = np.pad(piece, (0, size - (stop - start)))
-            return jnp.asarray(piece)
-
-        base = None if config.base is None else chunk(config.base)
-        stack = tuple(chunk(ref) for ref in config.stack)
-        merged, ok = _tensor_kernel(base, stack, dynamic, None, method=config.merge_method,
-                                    static=_hashable(static), globals_=_hashable(params.global_),
+        base = None if config.base is None else pad(flat[config.base][start:stop], start, stop)
+        stack = tuple(pad(flat[ref][start:stop], start, stop) for ref in config.stack)
+        piece_masks = None if masks is None else tuple(
+            pad(m[start:stop], start, stop) for m in masks)
+        merged, ok = _tensor_kernel(base, stack, dynamic, None, piece_masks, scales,
+                                    method=config.merge_method, static=_hashable(static),
+                                    globals_=_hashable(params.global_),
                                     out_dtype=np.dtype(t.dtype))
         out[start:stop] = np.asarray(merged)[: stop - start]
         finite = finite and bool(ok)
@@ -515,9 +546,12 @@ def _merge_one(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays):
     """(merged tensor in the output dtype, all entries finite) for one tensor."""
     config = plan.config
     params = resolve_parameters(config, t.name, plan.num_layers)
-    if config.merge_method in _ELEMENTWISE:
-        return _merge_chunked(config, t, dict(zip(config.inputs, arrays, strict=True)), params)
     by_ref = dict(zip(config.inputs, arrays, strict=True))
+    if config.merge_method in _ELEMENTWISE:
+        return _merge_chunked(config, t, by_ref, params)
+    if config.merge_method in _SPARSIFYING and len(t.shape) > 0:
+        masks, scales = _sparsify(config, t, by_ref, params, seed)
+        return _merge_chunked(config, t, by_ref, params, masks, scales)
     base = None if config.base is None else jnp.asarray(by_ref[config.base])
     stack = tuple(jnp.asarray(by_ref[ref]) for ref in config.stack)
     if config.merge_method in PRINCIPLED:

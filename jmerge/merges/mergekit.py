@@ -18,6 +18,11 @@ breaks ties in an unspecified order; here every entry whose magnitude equals the
 kept (:func:`jmerge.merges._select.kth_largest`), so results differ only where magnitudes repeat
 exactly at the threshold (never for continuous data; possible for low-precision deltas).
 
+Every sparsifying method (TIES, DARE, breadcrumbs, DELLA) also takes ``masks`` (and, with
+``rescale``, ``scales``: the per-model L1 factors) from :func:`sparsify_task_vector`, which
+computes one model's mask over a whole tensor; with both given the merge is elementwise, so a
+large tensor can be merged in pieces with the masks and factors of the whole.
+
 Random methods (``dare_*``, ``della*``) take either ``key`` (a ``jax.random`` key; the mask is
 Bernoulli with mergekit's keep probabilities, not torch's random stream) or ``masks`` (a boolean
 ``(N, *s)`` array, True = keep), so that a mask drawn elsewhere (e.g. by torch) reproduces
@@ -67,6 +72,7 @@ __all__ = [
     "MethodSpec",
     "METHODS",
     "merge_tensor",
+    "sparsify_task_vector",
     "linear",
     "task_arithmetic",
     "ties",
@@ -283,32 +289,46 @@ def _della_probs(delta: jax.Array, density: jax.Array, epsilon: jax.Array) -> ja
 _GTA_STATIC = ("kind", "static_d", "static_g", "consensus", "normalize", "rescale")
 
 
+def _keep(delta, d, e, masks, key, *, kind, static_d, static_g):
+    """The keep masks (N, *s) of a sparsification ``kind`` and which models it acts on (N,)."""
+    if kind == "magnitude":
+        keep = _magnitude_keep(delta, static_d) if masks is None else masks
+        return keep, jnp.asarray(static_d) < 1
+    if kind == "outliers":
+        keep = _outlier_keep(delta, static_d, static_g) if masks is None else masks
+        return keep, jnp.asarray(static_d) < 1
+    # "random" (sparsify.bernoulli) or "della" (sparsify.della_magprune)
+    if masks is None:
+        u = jax.random.uniform(key, delta.shape, jnp.float32)
+        p = (_bcast(d, delta.ndim).astype(jnp.float32) if kind == "random"
+             else _della_probs(delta, d, e))
+        keep = u < p
+    else:
+        keep = masks
+    if kind == "della":
+        keep = keep & _bcast(d > 0, delta.ndim)  # density <= 0: zeros
+    return keep, d < 1
+
+
 @partial(jax.jit, static_argnames=_GTA_STATIC)
-def _gta_kernel(base, tensors, weights, d, e, masks, key, lam, *, kind, static_d, static_g,
-                consensus, normalize, rescale):
+def _gta_kernel(base, tensors, weights, d, e, masks, key, lam, scales=None, *, kind, static_d,
+                static_g, consensus, normalize, rescale):
     """GeneralizedTaskArithmeticMerge.merge_group (one compiled program per shape and
-    static setting): sparsify each δ_t (``kind``), weight, elect signs, sum, normalise."""
+    static setting): sparsify each δ_t (``kind``), weight, elect signs, sum, normalise.
+
+    ``scales`` (N,), with ``masks``: the L1 rescale factors computed elsewhere over the whole
+    tensor (:func:`sparsify_task_vector`), so that the merge can run on pieces of a tensor."""
     out = _out_dtype(base, tensors)
     wd = compute_dtype(out)
     b = base.astype(wd)
     delta = tensors.astype(wd) - b
     if kind is not None:
-        if kind == "magnitude":
-            keep, active = _magnitude_keep(delta, static_d), jnp.asarray(static_d) < 1
-        elif kind == "outliers":
-            keep, active = _outlier_keep(delta, static_d, static_g), jnp.asarray(static_d) < 1
-        else:  # "random" (sparsify.bernoulli) or "della" (sparsify.della_magprune)
-            if masks is None:
-                u = jax.random.uniform(key, delta.shape, jnp.float32)
-                p = (_bcast(d, delta.ndim).astype(jnp.float32) if kind == "random"
-                     else _della_probs(delta, d, e))
-                keep = u < p
-            else:
-                keep = masks
-            if kind == "della":
-                keep = keep & _bcast(d > 0, delta.ndim)  # density <= 0: zeros
-            active = d < 1
-        sparse = _rescaled(delta, keep, rescale)
+        keep, active = _keep(delta, d, e, masks, key, kind=kind, static_d=static_d,
+                             static_g=static_g)
+        if scales is None:
+            sparse = _rescaled(delta, keep, rescale)
+        else:
+            sparse = jnp.where(keep, delta, 0) * _bcast(scales.astype(wd), delta.ndim)
         delta = jnp.where(_bcast(active, delta.ndim), sparse, delta)
     w = _bcast(weights.astype(wd), delta.ndim)
     delta = delta * w
@@ -351,6 +371,7 @@ def _gta(
     epsilons: ArrayLike = 0.0,
     key: jax.Array | None = None,
     masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     consensus: str | None,
     normalize: bool,
     rescale: bool,
@@ -390,14 +411,18 @@ def _gta(
             raise ValueError(f"{method} needs exactly one of key= (a jax.random key) or masks= "
                              f"(a boolean array of shape {tuple(tensors.shape)}); got "
                              f"{'both' if key is not None else 'neither'}.")
-        if masks is not None:
-            masks = jnp.asarray(masks)
-            if masks.shape != tensors.shape:
-                raise ValueError(f"{method}: masks must have shape {tuple(tensors.shape)} (one "
-                                 f"mask per model, like tensors); got {tuple(masks.shape)}.")
-            masks = masks.astype(bool)
+    if masks is not None:
+        masks = jnp.asarray(masks)
+        if masks.shape != tensors.shape:
+            raise ValueError(f"{method}: masks must have shape {tuple(tensors.shape)} (one "
+                             f"mask per model, like tensors); got {tuple(masks.shape)}.")
+        masks = masks.astype(bool)
+    if scales is not None:
+        if masks is None:
+            raise ValueError(f"{method}: scales= needs masks= (both from sparsify_task_vector).")
+        scales = _per_model(scales, n, f"{method}: scales")
     return _gta_kernel(
-        base, tensors, weights, d, e, masks, key, jnp.asarray(lambda_), kind=kind,
+        base, tensors, weights, d, e, masks, key, jnp.asarray(lambda_), scales, kind=kind,
         static_d=static_d, static_g=static_g, consensus=consensus,
         normalize=bool(normalize), rescale=bool(rescale),
     )
@@ -476,6 +501,8 @@ def ties(
     weights: ArrayLike,
     densities: ArrayLike,
     *,
+    masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = True,
     rescale: bool = False,
     consensus: str = "sum",
@@ -500,7 +527,8 @@ def ties(
       (*s), the promoted dtype of base and tensors.
     """
     del int8_mask
-    return _gta("ties", base, tensors, weights, kind="magnitude", densities=densities,
+    return _gta("ties", base, tensors, weights, masks=masks, scales=scales,
+                kind="magnitude", densities=densities,
                 consensus=consensus, normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -512,6 +540,7 @@ def dare_linear(
     *,
     key: jax.Array | None = None,
     masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = False,
     rescale: bool = True,
     lambda_: ArrayLike = 1.0,
@@ -531,7 +560,7 @@ def dare_linear(
       (*s), the promoted dtype of base and tensors.
     """
     return _gta("dare_linear", base, tensors, weights, kind="random", densities=densities,
-                key=key, masks=masks, consensus=None,
+                key=key, masks=masks, scales=scales, consensus=None,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -543,6 +572,7 @@ def dare_ties(
     *,
     key: jax.Array | None = None,
     masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = False,
     rescale: bool = True,
     consensus: str = "sum",
@@ -554,7 +584,7 @@ def dare_ties(
     """
     del int8_mask
     return _gta("dare_ties", base, tensors, weights, kind="random", densities=densities,
-                key=key, masks=masks, consensus=consensus,
+                key=key, masks=masks, scales=scales, consensus=consensus,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -565,6 +595,8 @@ def breadcrumbs(
     densities: ArrayLike,
     gammas: ArrayLike = 0.01,
     *,
+    masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = False,
     rescale: bool = False,
     lambda_: ArrayLike = 1.0,
@@ -575,7 +607,8 @@ def breadcrumbs(
     keep the next ⌊density_t·n⌋ and drop the rest; density ≥ 1 keeps all. Then
     θ = θ0 + λ Σ_t w_t δ̃_t [/ Σ_t w_t]. ``densities`` and ``gammas`` must be concrete.
     """
-    return _gta("breadcrumbs", base, tensors, weights, kind="outliers", densities=densities,
+    return _gta("breadcrumbs", base, tensors, weights, masks=masks, scales=scales,
+                kind="outliers", densities=densities,
                 gammas=gammas, consensus=None,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
@@ -587,6 +620,8 @@ def breadcrumbs_ties(
     densities: ArrayLike,
     gammas: ArrayLike = 0.01,
     *,
+    masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = False,
     rescale: bool = False,
     consensus: str = "sum",
@@ -596,7 +631,8 @@ def breadcrumbs_ties(
     """mergekit ``breadcrumbs_ties``: :func:`breadcrumbs`' trimming with :func:`ties`' sign
     election (``normalize`` default False, as in mergekit)."""
     del int8_mask
-    return _gta("breadcrumbs_ties", base, tensors, weights, kind="outliers", densities=densities,
+    return _gta("breadcrumbs_ties", base, tensors, weights, masks=masks, scales=scales,
+                kind="outliers", densities=densities,
                 gammas=gammas, consensus=consensus,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
@@ -610,6 +646,7 @@ def della(
     *,
     key: jax.Array | None = None,
     masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = True,
     rescale: bool = True,
     consensus: str = "sum",
@@ -628,7 +665,7 @@ def della(
     """
     del int8_mask
     return _gta("della", base, tensors, weights, kind="della", densities=densities,
-                epsilons=epsilons, key=key, masks=masks, consensus=consensus,
+                epsilons=epsilons, key=key, masks=masks, scales=scales, consensus=consensus,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -641,6 +678,7 @@ def della_linear(
     *,
     key: jax.Array | None = None,
     masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
     normalize: bool = False,
     rescale: bool = True,
     lambda_: ArrayLike = 1.0,
@@ -648,7 +686,7 @@ def della_linear(
     """mergekit ``della_linear``: :func:`della`'s drop without sign election; θ = θ0 +
     λ Σ_t w_t δ̃_t [/ Σ_t w_t if ``normalize``, default False]."""
     return _gta("della_linear", base, tensors, weights, kind="della", densities=densities,
-                epsilons=epsilons, key=key, masks=masks, consensus=None,
+                epsilons=epsilons, key=key, masks=masks, scales=scales, consensus=None,
                 normalize=normalize, rescale=rescale, lambda_=lambda_)
 
 
@@ -948,12 +986,12 @@ def _gta_globals(normalize: bool, rescale: bool) -> dict[str, Param]:
 
 
 def _gta_apply(fn, extra=(), random=False):
-    def apply(base, tensors, per_model, global_, key=None, masks=None):
+    def apply(base, tensors, per_model, global_, key=None, masks=None, scales=None):
         kwargs = dict(normalize=global_["normalize"], lambda_=global_["lambda"])
-        if fn is not task_arithmetic:  # rescaling only acts on sparsified task vectors
-            kwargs["rescale"] = global_["rescale"]
+        if fn is not task_arithmetic:  # sparsifying methods
+            kwargs.update(rescale=global_["rescale"], masks=masks, scales=scales)
         if random:
-            kwargs.update(key=key, masks=masks)
+            kwargs.update(key=key)
         if fn in (ties, dare_ties, breadcrumbs_ties, della):
             kwargs["int8_mask"] = global_["int8_mask"]
         args = [per_model["weight"]]
@@ -972,29 +1010,29 @@ def _gta_spec(fn, doc, *, normalize, rescale, extra=(), random=False) -> MethodS
                       apply=_gta_apply(fn, extra, random))
 
 
-def _apply_linear(base, tensors, per_model, global_, key=None, masks=None):
-    del base, key, masks
+def _apply_linear(base, tensors, per_model, global_, key=None, masks=None, scales=None):
+    del base, key, masks, scales
     return linear(tensors, per_model["weight"], normalize=global_["normalize"])
 
 
-def _apply_slerp(base, tensors, per_model, global_, key=None, masks=None):
-    del per_model, key, masks
+def _apply_slerp(base, tensors, per_model, global_, key=None, masks=None, scales=None):
+    del per_model, key, masks, scales
     return slerp(base, _stack(tensors)[0], global_["t"])
 
 
-def _apply_nuslerp(base, tensors, per_model, global_, key=None, masks=None):
-    del key, masks
+def _apply_nuslerp(base, tensors, per_model, global_, key=None, masks=None, scales=None):
+    del key, masks, scales
     return nuslerp(base, tensors, per_model["weight"], row_wise=global_["nuslerp_row_wise"],
                    flatten=global_["nuslerp_flatten"])
 
 
-def _apply_model_stock(base, tensors, per_model, global_, key=None, masks=None):
-    del per_model, key, masks
+def _apply_model_stock(base, tensors, per_model, global_, key=None, masks=None, scales=None):
+    del per_model, key, masks, scales
     return model_stock(base, tensors, filter_wise=global_["filter_wise"])
 
 
-def _apply_sce(base, tensors, per_model, global_, key=None, masks=None):
-    del per_model, key, masks
+def _apply_sce(base, tensors, per_model, global_, key=None, masks=None, scales=None):
+    del per_model, key, masks, scales
     return sce(base, tensors, select_topk=global_["select_topk"],
                int8_mask=global_["int8_mask"])
 
@@ -1062,6 +1100,7 @@ def merge_tensor(
     *,
     key: jax.Array | None = None,
     masks: ArrayLike | None = None,
+    scales: ArrayLike | None = None,
 ) -> jax.Array:
     """Merge one tensor with a method of :data:`METHODS`, parameters keyed by YAML names.
 
@@ -1075,7 +1114,8 @@ def merge_tensor(
       tensors: (N, *s), the models in config order (:attr:`jmerge.config.MergeConfig.stack`).
       per_model: name -> (N,) array.
       global_: name -> value.
-      key, masks: for random methods (one of the two).
+      key, masks: for random methods (one of the two); ``masks`` (and ``scales``, see
+        :func:`sparsify_task_vector`) also for the other sparsifying methods.
     """
     if method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; allowed: {', '.join(METHODS)}.")
@@ -1098,6 +1138,77 @@ def merge_tensor(
         resolved.append(values)
     if spec.needs_base and base is None:
         raise ValueError(f"{method} needs a base tensor.")
-    if not spec.random and (key is not None or masks is not None):
-        raise ValueError(f"{method} is not random; it takes no key or masks.")
-    return spec.apply(base, tensors, resolved[0], resolved[1], key=key, masks=masks)
+    if not spec.random and key is not None:
+        raise ValueError(f"{method} is not random; it takes no key.")
+    if (masks is not None or scales is not None) and _GTA_KIND.get(method) is None:
+        raise ValueError(f"{method} does not sparsify; it takes no masks or scales.")
+    return spec.apply(base, tensors, resolved[0], resolved[1], key=key, masks=masks,
+                      scales=scales)
+
+
+_GTA_KIND = {
+    "ties": "magnitude", "breadcrumbs": "outliers", "breadcrumbs_ties": "outliers",
+    "dare_linear": "random", "dare_ties": "random", "della": "della", "della_linear": "della",
+}
+"""The sparsification (mergekit sparsify.py) of each sparsifying method."""
+
+
+def sparsify_task_vector(
+    method: str,
+    base: ArrayLike,
+    tensor: ArrayLike,
+    per_model: Mapping[str, Any],
+    global_: Mapping[str, Any],
+    *,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One model's keep mask and L1 rescale factor under ``method``'s sparsification.
+
+    For δ = ``tensor`` − ``base`` (one model, the whole tensor) returns ``(keep, scale)``:
+    ``keep`` (bool, shape s) as the method draws or selects it (mergekit sparsify.py:
+    magnitude top-k for ``ties``, outliers for ``breadcrumbs*``, Bernoulli for ``dare_*``,
+    rank-dependent Bernoulli for ``della*``), and ``scale`` = ‖δ‖₁ / ‖keep ⊙ δ‖₁ when the
+    method's ``rescale`` is on (1 if either norm is below 1e-7, as mergekit), else 1.
+    :func:`merge_tensor` with ``masks`` = the stacked ``keep`` and ``scales`` = the factors
+    equals the merge that computes them itself; being elementwise, it can run on any piece of
+    the tensor — the streaming file merge holds one model's task vector at a time this way.
+
+    Args:
+      method: a sparsifying method (``ties``, ``breadcrumbs``, ``breadcrumbs_ties``,
+        ``dare_linear``, ``dare_ties``, ``della``, ``della_linear``).
+      base, tensor: shape s.
+      per_model: this model's parameters (scalars) by YAML name (``density``, ``gamma``,
+        ``epsilon``; ``weight`` is ignored).
+      global_: the method's global parameters (``rescale``; defaults apply).
+      key: for the random methods (this model's key).
+    """
+    if method not in _GTA_KIND:
+        raise ValueError(f"{method!r} does not sparsify; sparsifying methods: "
+                         f"{', '.join(_GTA_KIND)}.")
+    spec = METHODS[method]
+    kind = _GTA_KIND[method]
+    value = lambda name: float(np.asarray(per_model.get(name, spec.per_model[name].default)))
+    density = value("density")
+    gamma = value("gamma") if "gamma" in spec.per_model else 0.0
+    epsilon = value("epsilon") if "epsilon" in spec.per_model else 0.0
+    rescale = bool(global_.get("rescale", spec.global_["rescale"].default))
+    if spec.random and key is None:
+        raise ValueError(f"{method} needs key= (this model's jax.random key).")
+    static = (density,) if kind in ("magnitude", "outliers") else None
+    return _sparsify_one(
+        jnp.asarray(base), jnp.asarray(tensor), jnp.asarray([density]), jnp.asarray([epsilon]),
+        key, kind=kind, static_d=static, static_g=(gamma,) if kind == "outliers" else None,
+        rescale=rescale)
+
+
+@partial(jax.jit, static_argnames=("kind", "static_d", "static_g", "rescale"))
+def _sparsify_one(base, tensor, d, e, key, *, kind, static_d, static_g, rescale):
+    wd = compute_dtype(_out_dtype(base, tensor[None]))
+    delta = (tensor.astype(wd) - base.astype(wd))[None]
+    keep, _ = _keep(delta, d, e, None, key, kind=kind, static_d=static_d, static_g=static_g)
+    if not rescale:
+        return keep[0], jnp.ones((), wd)
+    before = jnp.sum(jnp.abs(delta))
+    after = jnp.sum(jnp.abs(jnp.where(keep, delta, 0)))
+    small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    return keep[0], jnp.where(small, 1, before / jnp.where(small, 1, after)).astype(wd)

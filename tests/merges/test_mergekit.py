@@ -484,3 +484,33 @@ class TestAgainstMergekit:
             worst[name] = max(worst.get(name, 0.0), float(np.max(np.abs(ours - theirs))))
             np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5, err_msg=name)
         print("max |jmerge - mergekit| per method:", worst)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_masks_and_scales_from_sparsify_task_vector_reproduce_the_merge(method):
+    """One model at a time, sparsify_task_vector gives each keep mask and L1 factor; with them
+    the merge is elementwise, so it equals the whole merge on any piece of the tensor."""
+    from jmerge.merges.mergekit import METHODS, merge_tensor, sparsify_task_vector
+
+    rng = np.random.default_rng(7)
+    base = jnp.asarray(rng.normal(size=(24, 20)), jnp.float32)
+    ts = base[None] + jnp.asarray(0.1 * rng.normal(size=(3, 24, 20)), jnp.float32)
+    spec = METHODS[method]
+    values = {"weight": [0.5, 0.3, 0.9], "density": [0.3, 0.6, 0.5], "gamma": [0.05, 0.05, 0.1],
+              "epsilon": [0.1, 0.1, 0.1]}
+    pm = {k: np.asarray(v) for k, v in values.items() if k in spec.per_model}
+    g = {"rescale": True}  # the L1 factors in play (1 without rescale)
+    keeps, scales = zip(*(
+        sparsify_task_vector(method, base, ts[t], {k: v[t] for k, v in pm.items()}, g,
+                             key=jax.random.key(t) if spec.random else None)
+        for t in range(3)), strict=True)
+    masks, scales = jnp.stack(keeps), jnp.stack(scales)
+    whole = merge_tensor(method, base, ts, pm, g, masks=masks)  # factors from the masks
+    if not spec.random:
+        chex.assert_trees_all_close(whole, merge_tensor(method, base, ts, pm, g), atol=0)
+    given = merge_tensor(method, base, ts, pm, g, masks=masks, scales=scales)
+    chex.assert_trees_all_close(given, whole, atol=1e-7)
+    rows = slice(5, 17)  # a piece of the tensor merged alone, with the whole tensor's factors
+    piece = merge_tensor(method, base[rows], ts[:, rows], pm, g, masks=masks[:, rows],
+                         scales=scales)
+    chex.assert_trees_all_close(piece, whole[rows], atol=1e-7)
