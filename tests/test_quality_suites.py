@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import chex
 import numpy as np
 import pytest
@@ -141,6 +143,11 @@ def test_digits_suite_micro_run_and_cache(tmp_path):
     for name in ("theta0", "multitask", "finetuned", "task_arith", "mats_gram"):
         assert any(line.startswith(name) for line in text.splitlines()), name
     assert len(q.claims([r])) >= 3
+    # A saved seed reads back to the same report (runs split by seed are combined so).
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps([q._jsonable(r)]))
+    back = q._load_json(path)
+    assert q.summarize(back) == text and q.claims(back) == q.claims([r])
     # The rerun restores the checkpoints (orbax) instead of training: the same scores.
     r2 = q.run_seed("mlp", 0, cfg, tmp_path, progress=False)
     assert r2.seconds["cache_hit"] == 1.0

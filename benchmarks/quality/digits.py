@@ -274,6 +274,16 @@ QUICK = Config(
 # Training, with an orbax cache
 
 
+#: The fields that define the trained models (and the cache key); the rest are merge grids.
+_TRAINING_FIELDS = (
+    "tasks",
+    "pretrain_steps",
+    "finetune_steps",
+    "finetune_lr",
+    "multitask_steps",
+)
+
+
 def _cache_key(backbone: str, seed: int, cfg: Config) -> str:
     spec = json.dumps(
         [
@@ -1042,6 +1052,13 @@ def claims(results: Sequence[SeedResult]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one seed (CI, demo)")
+    parser.add_argument(
+        "--grid",
+        choices=("quick", "full"),
+        default=None,
+        help="merge grids and curvature examples (default: as --quick); '--grid quick' at full "
+        "sizes trains as the full suite (same cache) and merges with the quick grids",
+    )
     parser.add_argument("--backbone", choices=("mlp", "cnn", "vit", "all"), default="mlp")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (quick: 1)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1")
@@ -1067,6 +1084,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="markdown tables")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    if args.grid is not None:
+        grids = QUICK if args.grid == "quick" else FULL
+        cfg = grids._replace(**{f: getattr(cfg, f) for f in _TRAINING_FIELDS})
     seeds = range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3)))
     cache = Path(args.cache) if args.cache else None
     progress = not args.no_progress
@@ -1103,9 +1123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _report(results: Sequence[SeedResult], cfg: Config, args: argparse.Namespace, out: Path):
     bb = results[0].backbone
+    sizes = "quick" if args.quick else "full"
+    grid = args.grid or sizes
     tag = f"digits_{bb}{'_quick' if args.quick else ''}"
+    tag += f"_{grid}grid" if grid != sizes else ""
     print(
-        f"\n## digits, {bb} backbone, {'quick' if args.quick else 'full'}; tasks "
+        f"\n## digits, {bb} backbone, {sizes} sizes, {grid} grids; tasks "
         f"{', '.join(cfg.tasks)}; seeds {[r.seed for r in results]}"
     )
     print(
