@@ -53,7 +53,6 @@ tensor (its k depends on the data).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -63,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jmerge.merges._common import model_sum
 from jmerge.merges._select import kth_largest
 from jmerge.tree import compute_dtype, is_traced
 
@@ -157,16 +157,6 @@ def _check_consensus(consensus: str) -> None:
 
 def _out_dtype(*arrays: jax.Array) -> Any:
     return jnp.result_type(*arrays)
-
-
-def _sum_models(x: jax.Array) -> jax.Array:
-    """Σ_t x[t] over the leading model axis, as N − 1 elementwise adds (N is static and small).
-
-    XLA's CPU backend (jax 0.10) compiles ``jnp.sum(x, axis=0)`` of a fused (N, *s) producer
-    into a loop thousands of times slower than the unrolled adds (3 s against 0.4 ms for
-    N = 3 and s = (1024, 1024)); the adds are as fast on every backend.
-    """
-    return functools.reduce(jnp.add, [x[i] for i in range(x.shape[0])])
 
 
 def _bcast(v: jax.Array, ndim: int) -> jax.Array:
@@ -334,12 +324,12 @@ def _gta_kernel(base, tensors, weights, d, e, masks, key, lam, scales=None, *, k
     delta = delta * w
     if consensus is not None:
         mask = _sign_consensus(delta, consensus)
-        mixed = _sum_models(jnp.where(mask, delta, 0))
-        divisor = _sum_models(jnp.where(mask, w, 0))
+        mixed = model_sum(jnp.where(mask, delta, 0))
+        divisor = model_sum(jnp.where(mask, w, 0))
         divisor = jnp.where(divisor == 0, 1, divisor)
     else:
-        mixed = _sum_models(delta)
-        divisor = _sum_models(w)
+        mixed = model_sum(delta)
+        divisor = model_sum(w)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
     if normalize:
         mixed = mixed / divisor
@@ -354,7 +344,7 @@ def _sign_consensus(delta: jax.Array, method: str) -> jax.Array:
     Σ_t sgn(δ_t) ≥ 0. Zero entries never agree (their sign is 0).
     """
     sign = jnp.sign(delta)
-    total = _sum_models(delta if method == "sum" else sign)
+    total = model_sum(delta if method == "sum" else sign)
     majority = jnp.where(total >= 0, 1, -1).astype(delta.dtype)
     return sign == majority
 
@@ -462,7 +452,7 @@ def linear(tensors: ArrayLike, weights: ArrayLike, *, normalize: bool = True) ->
 def _linear_kernel(tensors, w, *, normalize):
     wd = compute_dtype(tensors.dtype)
     w = w.astype(wd)
-    out = _sum_models(tensors.astype(wd) * _bcast(w, tensors.ndim))
+    out = model_sum(tensors.astype(wd) * _bcast(w, tensors.ndim))
     if normalize:
         out = out / jnp.sum(w)
     return out.astype(tensors.dtype)
@@ -845,7 +835,7 @@ def _model_stock_kernel(base, tensors, *, filter_wise):
     den = 1 + (n - 1) * cos
     singular = jnp.abs(den) < 1e-6
     t = jnp.where(singular, 0, (n * cos) / jnp.where(singular, 1, den))
-    avg = _sum_models(ws) / n
+    avg = model_sum(ws) / n
     return (t * avg + (1 - t) * w0).reshape(base.shape).astype(out)
 
 
@@ -892,8 +882,8 @@ def _sce_kernel(base, tensors, rho):
     tv = tensors.astype(wd) - b
     n = tv.shape[0]
     # sce_mask (applied only when select_topk < 1)
-    mean = _sum_models(tv) / n
-    var = (_sum_models(jnp.square(tv - mean)) / n).reshape(-1)
+    mean = model_sum(tv) / n
+    var = (model_sum(jnp.square(tv - mean)) / n).reshape(-1)
     nonzero = jnp.count_nonzero(var)
     k = jnp.floor(nonzero.astype(jnp.float32) * rho.astype(jnp.float32)).astype(jnp.int32)
     desc = -jnp.sort(-var) if var.size else var
@@ -908,7 +898,7 @@ def _sce_kernel(base, tensors, rho):
     w = jnp.where(small, 1.0 / n, v / jnp.where(small, 1, s))
     w = _bcast(w, tv.ndim)
     erased = jnp.where(_sign_consensus(tv, "sum"), w, 0)
-    merged = _sum_models(tv * erased) / jnp.maximum(_sum_models(erased), 1e-6)
+    merged = model_sum(tv * erased) / jnp.maximum(model_sum(erased), 1e-6)
     return (b + merged).astype(out)
 
 

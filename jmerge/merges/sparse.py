@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge.merges._common import check_result, per_model, prepare, select
+from jmerge.merges._common import check_result, model_sum, per_model, prepare, select
 from jmerge.merges._select import kth_largest_over
 from jmerge.merges.basic import Models, _keep, _task_vectors
 from jmerge.tree import LeafFilter, is_traced, require
@@ -92,20 +92,6 @@ def _check_scalar(value: Any, name: str) -> jax.Array:
 def _num_kept(density: float, n: int) -> int:
     """k = round(density · n), at least 1 and at most n (round half up)."""
     return min(n, max(1, math.floor(density * n + 0.5)))
-
-
-def _model_sum(x: jax.Array, w: jax.Array | None = None) -> jax.Array:
-    """Σ_t w_t x_t (or Σ_t x_t) over the leading model axis, as a chain of elementwise adds.
-
-    Written out so that XLA fuses it with the producer of ``x`` into one pass over memory
-    (a ``reduce`` or ``dot`` over a short leading axis is not fused on CPU and ran 2-7x slower
-    than a copy there).
-    """
-    terms = [x[t] if w is None else w[t].astype(x.dtype) * x[t] for t in range(x.shape[0])]
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
 
 
 def trim_topk(tvs: chex.ArrayTree, density: float, *, scope: str = "tensor") -> chex.ArrayTree:
@@ -276,7 +262,7 @@ def elect_sign(tvs: chex.ArrayTree) -> chex.ArrayTree:
 
 @jax.jit
 def _elect_sign(tvs: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: jnp.sign(_model_sum(x)), tvs)
+    return jax.tree_util.tree_map(lambda x: jnp.sign(model_sum(x)), tvs)
 
 
 def disjoint_mean(tvs: chex.ArrayTree, sign: chex.ArrayTree) -> chex.ArrayTree:
@@ -298,8 +284,8 @@ def disjoint_mean(tvs: chex.ArrayTree, sign: chex.ArrayTree) -> chex.ArrayTree:
 def _disjoint_mean(tvs: PyTree, sign: PyTree) -> PyTree:
     def leaf(x, g):
         agree = (jnp.sign(x) == g[None].astype(x.dtype)) & (x != 0)
-        total = _model_sum(jnp.where(agree, x, jnp.zeros_like(x)))
-        count = _model_sum(agree.astype(jnp.int32))
+        total = model_sum(jnp.where(agree, x, jnp.zeros_like(x)))
+        count = model_sum(agree.astype(jnp.int32))
         return total / jnp.maximum(count, 1).astype(x.dtype)
 
     return jax.tree_util.tree_map(leaf, tvs, sign)
@@ -366,7 +352,7 @@ def ties(
 @jax.jit
 def _dare_kernel(pretrained, stacked, alpha, density, key):
     dropped = _drop_and_rescale(_task_vectors(pretrained, stacked), density, key)
-    return _add_to(pretrained, jax.tree_util.tree_map(lambda d: _model_sum(d, alpha), dropped))
+    return _add_to(pretrained, jax.tree_util.tree_map(lambda d: model_sum(d, alpha), dropped))
 
 
 def dare(

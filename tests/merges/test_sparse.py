@@ -245,7 +245,7 @@ def test_bad_inputs():
 _shape = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 
 
-@settings(deadline=None, max_examples=5)
+@settings(deadline=None, max_examples=3)
 @given(
     shapes=st.lists(_shape, min_size=1, max_size=3),
     num=st.integers(1, 4),
