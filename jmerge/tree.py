@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
+from jax.sharding import NamedSharding
 
 __all__ = [
     "TreeMismatchError",
@@ -45,6 +46,9 @@ __all__ = [
     "axpy",
     "require",
     "runtime_check_finite",
+    "placed_shardings",
+    "constrain",
+    "place",
 ]
 
 PyTree = Any
@@ -373,3 +377,53 @@ def leaf_mask(tree: PyTree, include: LeafFilter = None, exclude: LeafFilter = No
         return keep
 
     return jax.tree_util.tree_map_with_path(decide, tree)
+
+
+def placed_shardings(tree: PyTree) -> tuple[NamedSharding, ...] | None:
+    """The leaves' :class:`~jax.sharding.NamedSharding` s, when every leaf of ``tree`` is a
+    concrete ``jax.Array`` placed by one on a common mesh (an eager call on sharded
+    parameters); else ``None`` (traced leaves, NumPy arrays, single-device arrays).
+
+    The curvature functions pass these as a static argument to their jitted kernel, which
+    constrains its parameter-shaped result to them (:func:`constrain`): without it, XLA's
+    sharding propagation would place the result like the activations it is computed from
+    (e.g. a bias' Fisher sharded over the model axis, a kernel's over its input axis). Under
+    an outer ``jax.jit`` (the solver merges place their result on them instead, :func:`place`)
+    the shardings of traced parameters are not known here: pass
+    ``out_shardings`` to that ``jit`` (or trace under an Explicit mesh).
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves or not all(
+        isinstance(x, jax.Array) and not is_traced(x) and isinstance(x.sharding, NamedSharding)
+        for x in leaves
+    ):
+        return None
+    shardings = tuple(x.sharding for x in leaves)
+    if len({s.mesh for s in shardings}) != 1:
+        return None
+    return shardings
+
+
+def constrain(tree: PyTree, shardings: Sequence[NamedSharding] | None) -> PyTree:
+    """``tree`` with each leaf constrained (``jax.jax.lax.with_sharding_constraint``) to the
+    matching entry of ``shardings`` (from :func:`placed_shardings`); unchanged for None."""
+    if shardings is None:
+        return tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef.unflatten(
+        [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings, strict=True)]
+    )
+
+
+def place(tree: PyTree, shardings: Sequence[NamedSharding] | None) -> PyTree:
+    """``tree`` (concrete arrays) moved onto ``shardings`` (from :func:`placed_shardings`)
+    where a leaf's layout differs; unchanged for None. Used after a compiled solve whose
+    output layout XLA chose (e.g. a small replicated bias returned sharded), so that an eager
+    merge returns the input parameters' shardings without constraining the solve's loop."""
+    if shardings is None:
+        return tree
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef.unflatten([
+        x if x.sharding.is_equivalent_to(s, x.ndim) else jax.device_put(x, s)
+        for x, s in zip(leaves, shardings, strict=True)
+    ])

@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jmerge.tree import compute_dtype, is_traced, require
+from jmerge.tree import compute_dtype, constrain, is_traced, placed_shardings, require
 
 __all__ = [
     "KINDS",
@@ -222,41 +222,6 @@ def check_labels_range(
 
 
 # -------------------------------------------------------------------------------- shardings
-
-
-def placed_shardings(tree: PyTree) -> tuple[NamedSharding, ...] | None:
-    """The leaves' :class:`~jax.sharding.NamedSharding` s, when every leaf of ``tree`` is a
-    concrete ``jax.Array`` placed by one on a common mesh (an eager call on sharded
-    parameters); else ``None`` (traced leaves, NumPy arrays, single-device arrays).
-
-    The curvature functions pass these as a static argument to their jitted kernel, which
-    constrains its parameter-shaped result to them (:func:`constrain`): without it, XLA's
-    sharding propagation would place the result like the activations it is computed from
-    (e.g. a bias' Fisher sharded over the model axis, a kernel's over its input axis). Under
-    an outer ``jax.jit`` the shardings of traced parameters are not known here: pass
-    ``out_shardings`` to that ``jit`` (or trace under an Explicit mesh).
-    """
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves or not all(
-        isinstance(x, jax.Array) and not is_traced(x) and isinstance(x.sharding, NamedSharding)
-        for x in leaves
-    ):
-        return None
-    shardings = tuple(x.sharding for x in leaves)
-    if len({s.mesh for s in shardings}) != 1:
-        return None
-    return shardings
-
-
-def constrain(tree: PyTree, shardings: Sequence[NamedSharding] | None) -> PyTree:
-    """``tree`` with each leaf constrained (``jax.lax.with_sharding_constraint``) to the
-    matching entry of ``shardings`` (from :func:`placed_shardings`); unchanged for None."""
-    if shardings is None:
-        return tree
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef.unflatten(
-        [lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings, strict=True)]
-    )
 
 
 def constrain_stacked(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:

@@ -42,7 +42,7 @@ from jmerge.merges._solve import (
     upcast_op,
     weighted_sum_op,
 )
-from jmerge.tree import LeafFilter, axpy, cast_like, upcast
+from jmerge.tree import LeafFilter, axpy, cast_like, place, placed_shardings, upcast
 
 __all__ = ["gradient_matching"]
 
@@ -168,7 +168,7 @@ def gradient_matching(
     n = per_model(1.0 if dataset_sizes is None else dataset_sizes, num_models, "dataset_sizes")
     check_nonnegative(n, "dataset_sizes")
     check_preconditioner(preconditioner)
-    return _gm_kernel(
+    result = _gm_kernel(
         pretrained,
         prep.stacked,
         ops,
@@ -181,6 +181,7 @@ def gradient_matching(
         preconditioner=preconditioner,
         mask_leaves=tuple(jax.tree_util.tree_leaves(prep.mask)),
     )
+    return result._replace(params=place(result.params, placed_shardings(pretrained)))
 
 
 @functools.partial(

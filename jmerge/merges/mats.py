@@ -51,7 +51,7 @@ from jmerge.merges._solve import (
     weighted_sum_op,
 )
 from jmerge.solvers.cg import _tree_vdot
-from jmerge.tree import LeafFilter, axpy, cast_like, upcast
+from jmerge.tree import LeafFilter, axpy, cast_like, place, placed_shardings, upcast
 
 __all__ = ["mats"]
 
@@ -317,7 +317,7 @@ def mats(
                     "MatrixFree(mv, diag_tree=...)) or choose another init."
                 )
     anchor_kind, anchor_tree = read_anchor(pretrained, damping_anchor, _ANCHORS, "damping_anchor")
-    return _mats_kernel(
+    result = _mats_kernel(
         pretrained,
         prep.stacked,
         ops,
@@ -334,3 +334,4 @@ def mats(
         mask_leaves=tuple(jax.tree_util.tree_leaves(prep.mask)),
         use_damping=not is_static_zero(damping),
     )
+    return result._replace(params=place(result.params, placed_shardings(pretrained)))

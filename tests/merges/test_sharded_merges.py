@@ -229,7 +229,8 @@ def offending(name, program, params):
     ]
 
 
-AUTO_OUT = "under an Auto mesh XLA picks the output shardings: the small replicated head bias "
+AUTO_OUT = "under an Auto mesh inside the user's jit XLA picks the output shardings (the "
+AUTO_OUT += "eager call places them, test below): the small replicated head bias "
 AUTO_OUT += "(8,) comes back P('model') from the model's backward pass; jit out_shardings "
 AUTO_OUT += "or an Explicit mesh fixes them"
 XFAIL_SHARDING = {"mats_fisher_operator": AUTO_OUT, "gradient_matching_matrix_free": AUTO_OUT}
@@ -282,3 +283,18 @@ def test_merge_gathers_nothing_and_matches_one_device(name):
 def test_explicit_mesh(name):
     check_shardings(name, "explicit")
     check_collectives_and_values(name, "explicit")
+
+
+@pytest.mark.parametrize("name", ["mats_fisher_operator", "gradient_matching_matrix_free"])
+def test_eager_solver_merge_returns_the_params_shardings(name):
+    """Called eagerly on sharded arrays, the solver merges return the params' shardings (the
+    jitted case above is XLA's choice under an Auto mesh: pass ``out_shardings`` there)."""
+    mesh = mesh_of("auto")
+    fn, names, _ = CASES[name]
+    problem = sharded_problem(mesh)
+    out = fn(*_pick(problem, names))
+    for (path, o), p in zip(jax.tree_util.tree_leaves_with_path(out),
+                            jax.tree.leaves(problem[0]), strict=True):
+        assert o.sharding.is_equivalent_to(p.sharding, o.ndim), (
+            f"{name}: output{jax.tree_util.keystr(path)} has {o.sharding.spec}, params have "
+            f"{p.sharding.spec}")
