@@ -459,7 +459,12 @@ def _cache_key(seed: int, cfg: Config, corpus: Corpus) -> str:
 def _save(tree: PyTree, path: Path) -> None:
     from jmerge.io.orbax import save_orbax
 
-    save_orbax(tree, path, overwrite=True)
+    try:
+        save_orbax(tree, path, overwrite=True)
+    except FileExistsError:
+        # another run (e.g. the intermediate suite) wrote the same deterministic key first
+        if not path.exists():
+            raise
 
 
 def _restore(path: Path, target: PyTree) -> PyTree:
@@ -1121,8 +1126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(diagnose(0, cfg, cache, args.diagnose)))
         return 0
     start = time.perf_counter()
-    results = [run_seed(s, cfg, cache) for s in seeds]
     tag = f"text{'_quick' if args.quick else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for s in seeds:
+        results.append(run_seed(s, cfg, cache))
+        # partial results after each seed, so that a later failure loses nothing
+        with open(out / f"{tag}.json", "w") as fh:
+            json.dump([_jsonable(r) for r in results], fh, indent=1)
+        print(summarize(results), flush=True)
     lines = [
         f"## text, {'quick' if args.quick else 'full'}; domains {', '.join(results[0].domains)}; "
         f"seeds {list(seeds)}; model d={cfg.d_model}, layers={cfg.layers}, seq={cfg.seq}",
