@@ -100,6 +100,26 @@ class Result(NamedTuple):
     #: tr F_target / tr F_intermediate (diagonal Fisher, merged leaves): how much the
     #: curvature-weighted merges let each model pull
     fisher_trace_ratio: float = float("nan")
+    #: per w: share of merged coordinates where w F_int > F_target (there the diagonal Fisher
+    #: merge takes mostly the intermediate's value, its full task vector, not w of it)
+    int_dominant: tuple[float, ...] = ()
+
+
+def _dominant(fishers: Sequence[PyTree], exclude: str | None) -> tuple[float, ...]:
+    """Per w in :data:`WEIGHTS`: the share of coordinates (leaves not matching ``exclude``)
+    where w F_1 > F_0."""
+    pairs = [
+        (np.asarray(a).ravel(), np.asarray(b).ravel())
+        for (p, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(fishers[0]),
+            jax.tree_util.tree_leaves(fishers[1]),
+            strict=True,
+        )
+        if exclude is None or not re.search(exclude, jax.tree_util.keystr(p))
+    ]
+    f0 = np.concatenate([a for a, _ in pairs])
+    f1 = np.concatenate([b for _, b in pairs])
+    return tuple(float(np.mean(w * f1 > f0)) for w in WEIGHTS)
 
 
 def _trace_ratio(fishers: Sequence[PyTree], exclude: str | None) -> float:
@@ -171,8 +191,10 @@ def digits_setting(seed: int, quick: bool) -> Result:
         )
         for w in WEIGHTS
     }
-    ratio = _trace_ratio(curv.fisher, r"head")
-    return Result("digits", seed, "accuracy", score(target)[:2], score(inter)[:2], cands, ratio)
+    ratio, dom = _trace_ratio(curv.fisher, r"head"), _dominant(curv.fisher, r"head")
+    return Result(
+        "digits", seed, "accuracy", score(target)[:2], score(inter)[:2], cands, ratio, dom
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +233,8 @@ def text_setting(
         )
         for w in WEIGHTS
     }
-    ratio = _trace_ratio(curv.fisher, None)
-    return Result("text", seed, "loss", score(theta_t)[:2], score(theta_i)[:2], cands, ratio)
+    ratio, dom = _trace_ratio(curv.fisher, None), _dominant(curv.fisher, None)
+    return Result("text", seed, "loss", score(theta_t)[:2], score(theta_i)[:2], cands, ratio, dom)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +349,12 @@ def claims(results: Sequence[Result]) -> list[str]:
         + ", ".join(f"{v:.3g}" for v in ratios)
         + ")"
     )
+    if results[0].int_dominant:
+        dom = np.mean([r.int_dominant for r in results], axis=0)
+        lines.append(
+            f"[{r0.setting}] share of coordinates where w F_int > F_target: "
+            + ", ".join(f"w={w:g}: {v:.2f}" for w, v in zip(WEIGHTS, dom, strict=True))
+        )
     return lines
 
 
@@ -355,6 +383,7 @@ def load_json(path: Path) -> list[Result]:
                 tuple(d["intermediate_on_target"]),
                 cands,
                 d.get("fisher_trace_ratio", float("nan")),
+                tuple(d.get("int_dominant", ())),
             )
         )
     return out
