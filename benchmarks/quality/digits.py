@@ -32,7 +32,9 @@ TIES (density, α); DARE (density, α); Fisher merging (exact diagonal; scaled a
 vector, θ0 + α (θ_F − θ0), α = 1 is plain Fisher merging); RegMean (off-diagonal scale);
 MaTS with curvature diag / K-FAC / Gram / matrix-free Fisher / matrix-free GGN, from the inits
 task arithmetic (at its chosen α), average and closed-form Fisher, for CG iterations 0 to
-``maxiter`` and damping δ (relative); gradient matching diagonal with the paper's recipe
+``maxiter`` and damping δ (relative) towards θ0 (rows ``mats_<kind>``), and as a trust region
+around the init (rows ``mats_<kind>_tr``: ``damping_anchor="init"``, δ relative to the mean
+curvature diagonal); gradient matching diagonal with the paper's recipe
 (sampled-label Fisher, H_t = N_t F_t, prior H0 = c · N_0 F_0 from θ0's Fisher; α, c) and
 matrix-free (H_t = N_t · Fisher operator, prior relative isotropic δ; α, δ).
 
@@ -45,7 +47,9 @@ Fine-tuned checkpoints are cached with orbax under ``--cache`` (default
 ``~/.cache/jmerge/quality``); a rerun with the same sizes skips training.
 
 Run: ``python -m benchmarks.quality.digits [--quick] [--backbone mlp|cnn|vit|all]
-[--seeds N] [--no-plots]``.
+[--seeds N] [--first-seed S] [--grid quick|full] [--no-plots]``; ``--combine A.json B.json``
+reports over runs split by seed; ``--tr-sweep`` runs only the MaTS trust-region × curvature
+examples sweep (KL/quadratic ratio on one yardstick).
 """
 
 from __future__ import annotations
