@@ -48,7 +48,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jmerge.config import ConfigError, MergeConfig, load_config, resolve_parameters
+from jmerge.config import (
+    ConfigError,
+    MergeConfig,
+    layer_index,
+    load_config,
+    resolve_parameters,
+)
 from jmerge.io._memory import PeakMemory
 from jmerge.io.safetensors import SafetensorsCheckpoint, ShardedWriter
 
@@ -223,8 +229,6 @@ def _source_name(ref: str, ckpt: SafetensorsCheckpoint, hf_config: Mapping, name
 
 
 def _num_layers(hf_config: Mapping, names: Sequence[str]) -> int:
-    from jmerge.config import layer_index
-
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(hf_config.get(key), int):
             return int(hf_config[key])
@@ -457,6 +461,17 @@ def _hashable(values: Mapping[str, Any]) -> tuple:
                         for k, v in values.items()))
 
 
+def _kernel_args(params) -> dict:
+    """The keyword arguments of :func:`_tensor_kernel` that come from the resolved parameters:
+    the trimming densities/gammas and the globals static (hashable), the rest traced."""
+    per_model = params.per_model
+    return dict(
+        dynamic={k: jnp.asarray(v) for k, v in per_model.items() if k not in _STATIC},
+        static=_hashable({k: v for k, v in per_model.items() if k in _STATIC}),
+        globals_=_hashable(params.global_),
+    )
+
+
 @partial(jax.jit, static_argnames=("method", "static", "globals_", "out_dtype"))
 def _tensor_kernel(base, tensors, dynamic, key, masks=None, scales=None, *, method, static,
                    globals_, out_dtype):
@@ -519,8 +534,7 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
     flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
     out = np.empty(n, t.dtype)
     finite = True
-    static = {k: v for k, v in params.per_model.items() if k in _STATIC}
-    dynamic = {k: jnp.asarray(v) for k, v in params.per_model.items() if k not in _STATIC}
+    args = _kernel_args(params)
 
     def pad(piece, start, stop):
         if stop - start < size:
@@ -533,10 +547,9 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
         stack = tuple(pad(flat[ref][start:stop], start, stop) for ref in config.stack)
         piece_masks = None if masks is None else tuple(
             pad(m[start:stop], start, stop) for m in masks)
-        merged, ok = _tensor_kernel(base, stack, dynamic, None, piece_masks, scales,
-                                    method=config.merge_method, static=_hashable(static),
-                                    globals_=_hashable(params.global_),
-                                    out_dtype=np.dtype(t.dtype))
+        merged, ok = _tensor_kernel(base, stack, key=None, masks=piece_masks, scales=scales,
+                                    method=config.merge_method, out_dtype=np.dtype(t.dtype),
+                                    **args)
         out[start:stop] = np.asarray(merged)[: stop - start]
         finite = finite and bool(ok)
     return out.reshape(t.shape), finite
@@ -558,11 +571,8 @@ def _merge_one(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays):
         merged = _principled(plan, scale, t, base, list(stack), params)
         return merged.astype(t.dtype), jnp.all(jnp.isfinite(merged))
     key = _key_for(seed, t.name) if config.spec.random else None
-    static = {k: v for k, v in params.per_model.items() if k in _STATIC}
-    dynamic = {k: jnp.asarray(v) for k, v in params.per_model.items() if k not in _STATIC}
-    return _tensor_kernel(base, stack, dynamic, key, method=config.merge_method,
-                          static=_hashable(static), globals_=_hashable(params.global_),
-                          out_dtype=np.dtype(t.dtype))
+    return _tensor_kernel(base, stack, key=key, method=config.merge_method,
+                          out_dtype=np.dtype(t.dtype), **_kernel_args(params))
 
 
 def _scale_for(plan: MergePlan) -> float:
