@@ -29,12 +29,14 @@ Multi-process (``jax.distributed``): :func:`make_mesh` uses the global ``jax.dev
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -46,6 +48,9 @@ __all__ = [
     "shard_batch",
     "shardings_of",
     "abstract_like",
+    "explicit_sharding",
+    "explicit_mesh",
+    "on_auto_axes",
 ]
 
 PyTree = Any
@@ -405,3 +410,68 @@ def abstract_like(tree: PyTree, shardings: PyTree | jax.sharding.Sharding | None
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(_shape(x), x.dtype, sharding=s), tree, shardings
     )
+
+
+def explicit_sharding(x: Any) -> NamedSharding | None:
+    """The sharding in ``x``'s type when ``x`` lives on a mesh with an Explicit axis, else
+    ``None``.
+
+    Under Explicit sharding (``jax.sharding.AxisType.Explicit``) every value's type carries
+    its ``NamedSharding`` and ops that create arrays from nothing (``broadcasted_iota``,
+    ``zeros``) or scatter into them need an ``out_sharding``; under Auto sharding (or outside a
+    mesh) XLA's partitioner chooses, and passing ``None`` keeps that. Works on tracers and on
+    concrete arrays alike (``jax.typeof``); given a ``Sharding``, checks that one.
+    """
+    if isinstance(x, jax.sharding.Sharding):
+        sharding = x
+    else:
+        sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return sharding
+
+
+def explicit_mesh(tree: PyTree) -> jax.sharding.AbstractMesh | None:
+    """The abstract mesh of the first leaf of ``tree`` typed on a mesh with an Explicit axis
+    (see :func:`explicit_sharding`), else ``None``."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sharding = explicit_sharding(leaf)
+        if sharding is not None:
+            return sharding.mesh.abstract_mesh if isinstance(sharding.mesh, Mesh) else sharding.mesh
+    return None
+
+
+def on_auto_axes(fn: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]:
+    """Run a traced ``fn(*args, shardings=..., **static) -> (out, out_specs)`` with every
+    Explicit mesh axis of its arguments switched to Auto, and return ``out`` resharded to
+    ``out_specs`` (a pytree prefix of ``PartitionSpec`` s) on the Explicit mesh.
+
+    For kernels written for XLA's sharding propagation (the curvature sums, whose per-example
+    intermediates are laid out by ``with_sharding_constraint`` and reduced over the data
+    axis): under Explicit sharding every contraction over a sharded axis would otherwise need
+    its own ``out_sharding``. This is :func:`jax.sharding.auto_axes` with the output layout
+    computed by ``fn`` while it traces (it depends on the layers ``fn`` finds), rather than
+    given up front. ``shardings``, a tuple of the parameters' ``NamedSharding`` s (or
+    ``None``), is rebuilt on the Auto mesh so that ``fn`` can constrain to it. Without an
+    Explicit mesh, ``fn`` runs as is and ``out_specs`` is ignored. Call it inside ``jit``.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, shardings=None, **static):
+        mesh = explicit_mesh((args, shardings))
+        if mesh is None:
+            return fn(*args, shardings=shardings, **static)[0]
+        auto = mesh.update_axis_types({name: AxisType.Auto for name in mesh.axis_names})
+        if shardings is not None:
+            shardings = tuple(NamedSharding(auto, s.spec) for s in shardings)
+        with jax.sharding.use_abstract_mesh(auto):
+            # Every axis is Auto now: the arguments' types hold no axis (XLA keeps their
+            # layout), as in jax.sharding.auto_axes.
+            args = jax.sharding.reshard(
+                args, jax.tree.map(lambda a: PartitionSpec(*[None] * jnp.ndim(a)), args)
+            )
+            out, specs = fn(*args, shardings=shardings, **static)
+        return jax.sharding.reshard(out, specs)
+
+    return wrapped

@@ -379,7 +379,7 @@ def leaf_mask(tree: PyTree, include: LeafFilter = None, exclude: LeafFilter = No
     return jax.tree_util.tree_map_with_path(decide, tree)
 
 
-def placed_shardings(tree: PyTree) -> tuple[NamedSharding, ...] | None:
+def placed_shardings(tree: PyTree, *, typed: bool = True) -> tuple[NamedSharding, ...] | None:
     """The leaves' :class:`~jax.sharding.NamedSharding` s, when every leaf of ``tree`` is a
     concrete ``jax.Array`` placed by one on a common mesh (an eager call on sharded
     parameters); else ``None`` (traced leaves, NumPy arrays, single-device arrays).
@@ -390,9 +390,17 @@ def placed_shardings(tree: PyTree) -> tuple[NamedSharding, ...] | None:
     (e.g. a bias' Fisher sharded over the model axis, a kernel's over its input axis). Under
     an outer ``jax.jit`` (the solver merges place their result on them instead, :func:`place`)
     the shardings of traced parameters are not known here: pass
-    ``out_shardings`` to that ``jit`` (or trace under an Explicit mesh).
+    ``out_shardings`` to that ``jit`` (or trace under an Explicit mesh: there every leaf's
+    type carries its sharding, which is returned for traced leaves too unless ``typed`` is
+    False).
     """
     leaves = jax.tree_util.tree_leaves(tree)
+    types = [getattr(jax.typeof(x), "sharding", None) if is_traced(x) else None for x in leaves]
+    if typed and leaves and all(
+        isinstance(s, NamedSharding) and not s.mesh.empty and s.mesh._any_axis_explicit
+        for s in types
+    ):
+        return tuple(types) if len({s.mesh for s in types}) == 1 else None
     if not leaves or not all(
         isinstance(x, jax.Array) and not is_traced(x) and isinstance(x.sharding, NamedSharding)
         for x in leaves
@@ -410,9 +418,13 @@ def constrain(tree: PyTree, shardings: Sequence[NamedSharding] | None) -> PyTree
     if shardings is None:
         return tree
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef.unflatten(
-        [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings, strict=True)]
-    )
+
+    def one(x, s):
+        if s.mesh._any_axis_explicit:  # Explicit axes: a constraint would only assert
+            return jax.sharding.reshard(x, s)
+        return jax.lax.with_sharding_constraint(x, s)
+
+    return treedef.unflatten([one(x, s) for x, s in zip(leaves, shardings, strict=True)])
 
 
 def place(tree: PyTree, shardings: Sequence[NamedSharding] | None) -> PyTree:
@@ -422,6 +434,8 @@ def place(tree: PyTree, shardings: Sequence[NamedSharding] | None) -> PyTree:
     merge returns the input parameters' shardings without constraining the solve's loop."""
     if shardings is None:
         return tree
+    if any(is_traced(x) for x in jax.tree_util.tree_leaves(tree)):  # typed (Explicit) shardings
+        return constrain(tree, shardings)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return treedef.unflatten([
         x if x.sharding.is_equivalent_to(s, x.ndim) else jax.device_put(x, s)

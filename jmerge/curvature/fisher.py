@@ -31,6 +31,7 @@ from collections.abc import Callable
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jmerge.curvature._capture import find_layers, per_example_fn
 from jmerge.curvature._data import (
@@ -52,6 +53,7 @@ from jmerge.curvature._data import (
     probe,
     scan_sum,
 )
+from jmerge.sharding import on_auto_axes
 from jmerge.tree import (
     NonFiniteError,
     check_finite,
@@ -313,9 +315,11 @@ def _impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, fast, sha
     result = constrain(result, shardings)
     finite = lambda xs: jnp.array([jnp.all(jnp.isfinite(x)) for x in xs], bool)  # noqa: E731
     flags = (finite(leaves), finite(result), labels_in_range(labels, num_classes))
-    return jax.tree_util.tree_unflatten(treedef, result), flags
+    specs = [PartitionSpec() if shardings is None else s.spec for s in shardings or leaves]
+    out_specs = (treedef.unflatten(specs), (PartitionSpec(),) * 3)
+    return (jax.tree_util.tree_unflatten(treedef, result), flags), out_specs
 
 
 _fisher_jit = jax.jit(
-    _impl, static_argnames=("logits_fn", "kind", "batch_size", "fast", "shardings")
+    on_auto_axes(_impl), static_argnames=("logits_fn", "kind", "batch_size", "fast", "shardings")
 )

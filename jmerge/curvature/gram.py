@@ -59,6 +59,7 @@ from jmerge.curvature._data import (
     scan_sum,
 )
 from jmerge.curvature.operators import KFAC, BlockGram
+from jmerge.sharding import on_auto_axes
 from jmerge.tree import compute_dtype, runtime_check_finite
 
 __all__ = ["gram", "kfac_factors", "layer_report", "NORMALIZE", "TIED"]
@@ -357,7 +358,7 @@ def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied, shardin
     graph = find_layers(apply_fn, params, inputs)
     dense = _select(graph, tied, "gram")
     if not dense:
-        return {}
+        return {}, {}
     layers = graph.layers
     per_ex = sum(math.prod(layers[s.layer].operand_shapes[0]) for ss in dense.values() for s in ss)
     xs, mask = chunked(inputs, n, chunk_size(batch_size, per_ex, n))
@@ -378,16 +379,18 @@ def _gram_impl(params, inputs, *, apply_fn, normalize, batch_size, tied, shardin
 
     sums = scan_sum(chunk_sum, (xs, mask))
     scale = 1.0 / n if normalize == "mean" else 1.0
-    out = {}
+    out, specs = {}, {}
     for i, g in sums.items():
         spec = None if shardings is None else shardings[i]
         layout = _factor_sharding(spec, dense[i][0].d_in, "in", graph.leaf_specs[i].shape)
         out[graph.leaf_paths[i]] = _constrain(g * jnp.asarray(scale, g.dtype), layout)
-    return out
+        specs[graph.leaf_paths[i]] = PartitionSpec() if layout is None else layout.spec
+    return out, specs
 
 
 _gram_jit = jax.jit(
-    _gram_impl, static_argnames=("apply_fn", "normalize", "batch_size", "tied", "shardings")
+    on_auto_axes(_gram_impl),
+    static_argnames=("apply_fn", "normalize", "batch_size", "tied", "shardings"),
 )
 
 
@@ -486,7 +489,7 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
     graph = find_layers(logits_fn, params, inputs)
     dense = _select(graph, tied, "kfac_factors")
     if not dense:
-        return {}, labels_ok
+        return ({}, labels_ok), ({}, PartitionSpec())
     layers = graph.layers
     leaves = jax.tree_util.tree_leaves(params)
     cols = math.prod(logits.shape[1:]) if kind == "exact" else 1
@@ -522,7 +525,7 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
         return out
 
     sums = scan_sum(chunk_sum, (xs, mask))
-    out = {}
+    out, specs = {}, {}
     for i, (a_sum, b_sum) in sums.items():
         rows = sum(s.rows for s in dense[i])
         spec, shape, d_in = (
@@ -539,9 +542,14 @@ def _kfac_impl(params, inputs, labels, key, *, logits_fn, kind, batch_size, tied
                 b_sum / jnp.asarray(n, b_sum.dtype), _factor_sharding(spec, d_in, "out", shape)
             ),
         )
-    return out, labels_ok
+        specs[graph.leaf_paths[i]] = tuple(
+            PartitionSpec() if spec is None else _factor_sharding(spec, d_in, side, shape).spec
+            for side in ("in", "out")
+        )
+    return (out, labels_ok), (specs, PartitionSpec())
 
 
 _kfac_jit = jax.jit(
-    _kfac_impl, static_argnames=("logits_fn", "kind", "batch_size", "tied", "shardings")
+    on_auto_axes(_kfac_impl),
+    static_argnames=("logits_fn", "kind", "batch_size", "tied", "shardings"),
 )

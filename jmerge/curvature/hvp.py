@@ -53,8 +53,8 @@ def _like_v(out: PyTree, v: PyTree) -> PyTree:
     """``out`` placed like ``v`` when ``v`` is a concrete sharded pytree (an eager product):
     the pullback would otherwise come back laid out like the model's activations (a
     replicated bias sharded over the model axis). Under ``jit`` (traced ``v``) unchanged: the
-    caller's ``out_shardings`` decide."""
-    return constrain(out, placed_shardings(v))
+    caller's ``out_shardings`` (or, under an Explicit mesh, the pullback's types) decide."""
+    return constrain(out, placed_shardings(v, typed=False))
 
 
 def hvp(

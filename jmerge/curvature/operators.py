@@ -35,6 +35,7 @@ import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 from jmerge.curvature.hvp import fisher_vp, ggn_vp, hvp
+from jmerge.sharding import explicit_sharding
 from jmerge.tree import (
     TreeMismatchError,
     check_finite,
@@ -308,6 +309,16 @@ class BlockGram(CurvatureOperator):
         return jax.tree_util.tree_map_with_path(leaf, like)
 
 
+def _diagonal(m: jax.Array) -> jax.Array:
+    """``diag(m)`` of a square matrix as a masked row sum: elementwise and a reduction over
+    columns, so a factor whose rows are sharded gives its diagonal where it lives
+    (``jnp.diagonal`` is a gather, which XLA's partitioner turns into collectives)."""
+    n, layout = m.shape[0], explicit_sharding(m)
+    iota = lambda axis: jax.lax.broadcasted_iota(jnp.int32, (n, n), axis, out_sharding=layout)
+    eye = iota(0) == iota(1)
+    return jnp.sum(jnp.where(eye, m, jnp.zeros_like(m)), axis=1)
+
+
 @jax.tree_util.register_dataclass
 @_operator_dataclass
 class KFAC(CurvatureOperator):
@@ -356,7 +367,15 @@ class KFAC(CurvatureOperator):
                 return _scale_leaf(self.rest, x)
             a, b = f
             w = x.reshape(a.shape[0], b.shape[0])
-            return (a @ w @ b).reshape(x.shape).astype(jnp.result_type(x, a, b))
+            # Under an Explicit mesh the products keep W's layout (each contraction of a
+            # sharded axis is then a local partial product plus a reduction); under Auto
+            # sharding XLA's partitioner decides, which with the factors placed as
+            # kfac_factors places them (B's rows like W's output axis) is the same.
+            layout = explicit_sharding(w)
+            layout = None if layout is None else layout.spec
+            aw = jnp.matmul(a, w, out_sharding=layout)
+            awb = jnp.matmul(aw, b, out_sharding=layout)
+            return awb.reshape(x.shape).astype(jnp.result_type(x, a, b))
 
         return jax.tree_util.tree_map_with_path(leaf, v)
 
@@ -370,7 +389,7 @@ class KFAC(CurvatureOperator):
             if f is None:
                 return jnp.full(jnp.shape(x), self.rest, jnp.result_type(x))
             a, b = f
-            return jnp.outer(jnp.diagonal(a), jnp.diagonal(b)).reshape(jnp.shape(x))
+            return jnp.outer(_diagonal(a), _diagonal(b)).reshape(jnp.shape(x))
 
         return jax.tree_util.tree_map_with_path(leaf, like)
 

@@ -42,6 +42,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from jmerge.sharding import explicit_sharding
 
 __all__ = ["kth_largest", "kth_largest_over"]
 
@@ -97,9 +100,17 @@ def _histogram(digit: jax.Array, bins: int, batch_ndim: int) -> jax.Array:
         update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
     )
 
+    # Under an Explicit mesh the counts are replicated (each device's local histogram plus
+    # an all-reduce); under Auto sharding XLA's partitioner does the same on its own.
+    explicit = explicit_sharding(digit) is not None
+
     def one(d):
         # Indices keep d's own shape (no reshape to a vector): flattening an array sharded on
         # a minor axis would make XLA's partitioner all-gather it before the scatter.
+        if explicit:
+            return jnp.zeros((bins,), jnp.int32).at[d].add(
+                1, mode="drop", out_sharding=PartitionSpec(None)
+            )
         return jax.lax.scatter_add(
             jnp.zeros((bins,), jnp.int32),
             d[..., None],

@@ -43,6 +43,7 @@ import numpy as np
 from jmerge.merges._common import check_result, model_sum, per_model, prepare, select
 from jmerge.merges._select import kth_largest_over
 from jmerge.merges.basic import Models, _keep, _task_vectors
+from jmerge.sharding import explicit_sharding
 from jmerge.tree import LeafFilter, is_traced, require
 
 __all__ = [
@@ -166,13 +167,15 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> np.uint32(16))
 
 
-def _entry_index(shape: tuple[int, ...]) -> jax.Array:
+def _entry_index(shape: tuple[int, ...], out_sharding=None) -> jax.Array:
     """The row-major index of every entry of an array of ``shape``, as uint32 (elementwise, so
-    it is computed where each shard lives)."""
-    idx = jnp.zeros(shape, jnp.uint32)
+    it is computed where each shard lives; ``out_sharding`` places it under an Explicit
+    mesh)."""
+    idx = jnp.zeros(shape, jnp.uint32, out_sharding=out_sharding)
     stride = 1
     for d in reversed(range(len(shape))):
-        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * np.uint32(stride)
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, d, out_sharding=out_sharding)
+        idx = idx + iota * np.uint32(stride)
         stride *= shape[d]
     return idx
 
@@ -210,7 +213,8 @@ def _uniforms(key: jax.Array, tvs: PyTree) -> PyTree:
         num = x.shape[0]
         s = seeds[start : start + num].reshape((num,) + (1,) * (x.ndim - 1) + (2,))
         start += num
-        h = _mix32(_mix32(_entry_index(x.shape) + s[..., 0]) ^ s[..., 1])
+        index = _entry_index(x.shape, explicit_sharding(x))
+        h = _mix32(_mix32(index + s[..., 0]) ^ s[..., 1])
         out.append((h >> np.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tvs), out)
 
