@@ -25,11 +25,31 @@ This module holds, once, for both merges:
   hyperparameters (damping, prior) multiply (:mod:`jmerge.merges._scale`);
 * solving (S): elementwise when A is diagonal (``SOLVER_CLOSED_FORM``), by ``jmerge.cg`` otherwise
   (``SOLVER_CG``), Jacobi-preconditioned where A's diagonal is known;
-* the result: :class:`MergeInfo`, with the same fields on every path.
+* the result: :class:`MergeInfo`, with the same fields on every path;
+* layout on a mesh (:func:`laid_out_like`): the merged params come back sharded like the
+  pretrained ones, and the Hutchinson probes of a matrix-free curvature meet their products
+  in one layout, under an outer ``jax.jit`` as well (see below).
+
+Sharding. Under a user's ``jax.jit`` on an Auto mesh the params are tracers whose layout is
+known only to XLA's partitioner, so it cannot be read here and pinned with
+``with_sharding_constraint``; instead the kernels put values that must share a layout in one
+*sharding group* (``jax.experimental.shard_alike``), and the partitioner gives the group one
+sharding: the pretrained leaf's, since that input's is fixed. Two groups only: (1) each
+merged output leaf with its pretrained leaf; (2) for a matrix-free curvature without a
+diagonal, each Hutchinson probe z with its product C z (in ``curvature_scale``). A model's
+backward pass returns C z laid out like the model's *gradients*, which need not be the
+params' layout, while the probe z follows the forward pass; without (2) the product z ⊙ C z
+all-to-alled kernel blocks over the model axis for every probe (f32[64,1,24] and
+f32[24,1,2] on the 8-device problem of tests/curvature/test_sharded_curvature.py). The CG
+iterates are *not* grouped: left free, the partitioner lays them out like the model's
+gradients and a CG step runs the model's own collectives only (measured there); tying them
+to the params' layout (grouping A p with p) made every step all-gather the product of each
+replicated leaf instead of once at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -37,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
+from jax.experimental.shard_alike import shard_alike
+from jax.sharding import AxisType
 
 from jmerge.curvature.operators import (
     CurvatureOperator,
@@ -262,14 +284,56 @@ def weighted_sum_op(ops: Sequence[CurvatureOperator], w: jax.Array) -> Curvature
     return Sum([Scaled(op, w[t]) for t, op in enumerate(ops)])
 
 
+def laid_out_like(tree: PyTree, like: PyTree) -> PyTree:
+    """``tree`` with each leaf put in one sharding group with the same-shaped leaf of ``like``
+    (``jax.experimental.shard_alike``): the partitioner gives both one layout, ``like``'s when
+    that one is fixed (a jit argument). Values unchanged; works traced and eagerly, under
+    ``vmap`` and ``grad``; on one device it does nothing. Under an Explicit mesh (the leaf's
+    type carries its sharding) the types already decide and the leaf is returned as it is."""
+
+    def one(x, y):
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+        if mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types):
+            return x
+        return shard_alike(x, y)[0]
+
+    return jax.tree_util.tree_map(one, tree, like)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ProductLikeVector(CurvatureOperator):
+    """C with ``mv(v)`` laid out like v (:func:`laid_out_like`); no diagonal. For the
+    Hutchinson probes of :func:`curvature_scale` (see the module docstring)."""
+
+    op: CurvatureOperator
+
+    def mv(self, v: PyTree) -> PyTree:
+        return laid_out_like(self.op.mv(v), v)
+
+
+def _products_like_vectors(op: CurvatureOperator) -> CurvatureOperator:
+    """``op`` with every part that has no diagonal (the parts ``mean_diagonal`` probes)
+    wrapped in :class:`_ProductLikeVector`; Sum / Scaled / Damped kept, so the parts with a
+    diagonal are still read exactly."""
+    if isinstance(op, Sum):
+        return Sum([_products_like_vectors(o) for o in op.ops])
+    if isinstance(op, Scaled):
+        return Scaled(_products_like_vectors(op.op), op.scale)
+    if isinstance(op, Damped):
+        return Damped(_products_like_vectors(op.op), op.delta)
+    return op if op.has_diag else _ProductLikeVector(op)
+
+
 def curvature_scale(
     ops: Sequence[CurvatureOperator], w: jax.Array, like: PyTree, mask: PyTree
 ) -> jax.Array:
     """s = mean diag(Σ_t |w_t| C_t) over the merged entries: the unit of relative
     hyperparameters. Exact where diagonals are known, Hutchinson probes otherwise
     (``jmerge.curvature.mean_diagonal``); s(c·C) = c·s(C), so a relative hyperparameter
-    keeps the merge invariant to the curvatures' overall scale. 1 where s is 0."""
-    s = mean_diagonal(weighted_sum_op(ops, jnp.abs(w)), like, mask)
+    keeps the merge invariant to the curvatures' overall scale. 1 where s is 0. Each probe's
+    product is laid out like the probe (:func:`laid_out_like`, module docstring)."""
+    s = mean_diagonal(_products_like_vectors(weighted_sum_op(ops, jnp.abs(w))), like, mask)
     return jnp.where(s > 0, s, jnp.ones_like(s))
 
 
@@ -386,5 +450,6 @@ def make_info(solve_stats: tuple[jax.Array, ...], objective: Any, objective_init
 
 def finish(mask: PyTree, theta: PyTree, pretrained: PyTree) -> PyTree:
     """The merged params: θ on the merged leaves (cast to the pretrained dtypes), the
-    pretrained leaves elsewhere."""
-    return select(mask, cast_like(theta, pretrained), pretrained)
+    pretrained leaves elsewhere; each leaf laid out like its pretrained leaf
+    (:func:`laid_out_like`), also inside a user's ``jit`` on an Auto mesh."""
+    return laid_out_like(select(mask, cast_like(theta, pretrained), pretrained), pretrained)

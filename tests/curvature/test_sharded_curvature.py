@@ -195,16 +195,6 @@ GENERIC_UNDER_JIT = (
 )
 
 
-MF_PINNED = (
-    "matrix-free MaTS / gradient matching with out_shardings = the params': the constraint "
-    "reaches into the CG loop, whose iterates XLA lays out like the model's gradients "
-    "(l2 kernel P('model', None)), so every step all-to-alls f32[64,1,24] / f32[24,1,2] "
-    "blocks of the kernel over 'model'. The eager call does not pin them: it compiles the "
-    "solve without output constraints (no gathers: tests/merges/test_sharded_merges.py) and "
-    "moves the small replicated leaves afterwards (jmerge.tree.place)"
-)
-
-
 def _marked(xfail):
     return [
         pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=xfail[n])) if n in xfail else n
@@ -214,7 +204,7 @@ def _marked(xfail):
 
 @pytest.mark.parametrize(
     "name",
-    _marked({}),  # matrix-free merges: the eager call places its result (jmerge.tree.place)
+    _marked({}),
 )
 def test_outputs_keep_the_params_shardings(name):
     out, want = eager(name), expected_shardings(name)
@@ -231,8 +221,6 @@ def test_outputs_keep_the_params_shardings(name):
     _marked(
         {
             "fisher_empirical_generic": GENERIC_UNDER_JIT,
-            "mats_matrix_free": MF_PINNED,
-            "gradient_matching_matrix_free": MF_PINNED,
         }
     ),
 )
