@@ -58,7 +58,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 from jax.experimental.shard_alike import shard_alike
-from jax.sharding import AxisType
 
 from jmerge.curvature.operators import (
     CurvatureOperator,
@@ -73,6 +72,7 @@ from jmerge.curvature.operators import (
 )
 from jmerge.merges import _common
 from jmerge.merges._common import select
+from jmerge.sharding import explicit_sharding
 from jmerge.solvers.cg import CONVERGED, MAXITER, NONFINITE, STAGNATED, _tree_vdot, cg
 from jmerge.tree import (
     TreeMismatchError,
@@ -289,13 +289,11 @@ def laid_out_like(tree: PyTree, like: PyTree) -> PyTree:
     (``jax.experimental.shard_alike``): the partitioner gives both one layout, ``like``'s when
     that one is fixed (a jit argument). Values unchanged; works traced and eagerly, under
     ``vmap`` and ``grad``; on one device it does nothing. Under an Explicit mesh (the leaf's
-    type carries its sharding) the types already decide and the leaf is returned as it is."""
+    type carries its sharding, ``jmerge.sharding.explicit_sharding``) the types already decide
+    and the leaf is returned as it is."""
 
     def one(x, y):
-        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
-        if mesh is not None and not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types):
-            return x
-        return shard_alike(x, y)[0]
+        return x if explicit_sharding(x) is not None else shard_alike(x, y)[0]
 
     return jax.tree_util.tree_map(one, tree, like)
 
