@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
 
 from jmerge.curvature.hvp import fisher_vp, ggn_vp, hvp
 from jmerge.sharding import explicit_sharding
@@ -289,7 +290,9 @@ class BlockGram(CurvatureOperator):
             if g is None:
                 return _scale_leaf(self.rest, x)
             w = x.reshape(g.shape[0], -1)
-            return jnp.matmul(g, w).reshape(x.shape).astype(jnp.result_type(x, g))
+            layout = explicit_sharding(w)  # as in KFAC.mv
+            gw = jnp.matmul(g, w, out_sharding=None if layout is None else layout.spec)
+            return gw.reshape(x.shape).astype(jnp.result_type(x, g))
 
         return jax.tree_util.tree_map_with_path(leaf, v)
 
@@ -302,21 +305,41 @@ class BlockGram(CurvatureOperator):
             g = self.grams.get(jax.tree_util.keystr(path))
             shape, dt = jnp.shape(x), jnp.result_type(x)
             if g is None:
-                return jnp.full(shape, self.rest, dt)
-            d = jnp.diagonal(g)[:, None]
-            return jnp.broadcast_to(d, (g.shape[0], math.prod(shape) // g.shape[0])).reshape(shape)
+                return _laid_out_like(jnp.full(shape, self.rest, dt), x)
+            d = _diagonal(g)[:, None]
+            d = jnp.broadcast_to(d, (g.shape[0], math.prod(shape) // g.shape[0])).reshape(shape)
+            return _laid_out_like(d.astype(dt), x)
 
         return jax.tree_util.tree_map_with_path(leaf, like)
 
 
 def _diagonal(m: jax.Array) -> jax.Array:
-    """``diag(m)`` of a square matrix as a masked row sum: elementwise and a reduction over
-    columns, so a factor whose rows are sharded gives its diagonal where it lives
-    (``jnp.diagonal`` is a gather, which XLA's partitioner turns into collectives)."""
+    """``diag(m)`` of a square matrix as a masked sum over one axis: elementwise and a
+    reduction, so a factor sharded on one axis gives its diagonal where it lives, summing over
+    the whole axis (columns, or rows when only the columns are sharded on an Explicit mesh).
+    ``jnp.diagonal`` is a gather, which XLA's partitioner turns into collectives."""
     n, layout = m.shape[0], explicit_sharding(m)
     iota = lambda axis: jax.lax.broadcasted_iota(jnp.int32, (n, n), axis, out_sharding=layout)
     eye = iota(0) == iota(1)
-    return jnp.sum(jnp.where(eye, m, jnp.zeros_like(m)), axis=1)
+    known = layout
+    if (
+        known is None
+        and not is_traced(m)
+        and isinstance(getattr(m, "sharding", None), NamedSharding)
+    ):
+        known = m.sharding  # an eager call on a placed factor
+    axis = 1
+    if known is not None:
+        spec = tuple(known.spec) + (None,) * (2 - len(known.spec))
+        axis = 0 if spec[1] is not None and spec[0] is None else 1
+    return jnp.sum(jnp.where(eye, m, jnp.zeros_like(m)), axis=axis)
+
+
+def _laid_out_like(out: jax.Array, x: Any) -> jax.Array:
+    """``out`` in ``x``'s layout under an Explicit mesh (a value built from factors or a
+    constant is typed by them, not by ``x``); unchanged otherwise."""
+    layout = explicit_sharding(x)
+    return out if layout is None else jax.sharding.reshard(out, layout.spec)
 
 
 @jax.tree_util.register_dataclass
@@ -387,9 +410,9 @@ class KFAC(CurvatureOperator):
         def leaf(path, x):
             f = self.factors.get(jax.tree_util.keystr(path))
             if f is None:
-                return jnp.full(jnp.shape(x), self.rest, jnp.result_type(x))
+                return _laid_out_like(jnp.full(jnp.shape(x), self.rest, jnp.result_type(x)), x)
             a, b = f
-            return jnp.outer(_diagonal(a), _diagonal(b)).reshape(jnp.shape(x))
+            return _laid_out_like(jnp.outer(_diagonal(a), _diagonal(b)).reshape(jnp.shape(x)), x)
 
         return jax.tree_util.tree_map_with_path(leaf, like)
 
