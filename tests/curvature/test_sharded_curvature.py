@@ -235,3 +235,47 @@ def test_gathers_nothing_and_matches_one_device(name):
         rtol=2e-4,
         atol=2e-6,
     )
+
+
+@functools.cache
+def explicit_mesh():
+    return shd.make_mesh((2, 4), ("data", "model"), axis_types="explicit")
+
+
+@functools.cache
+def explicit_compiled(name):
+    """``name`` jitted under an Explicit mesh (``AxisType.Explicit``), with no ``out_shardings``:
+    the values' types carry their shardings, so the traced functions know the parameters'
+    layout (the curvature kernels run with the axes switched to Auto inside,
+    ``jmerge.sharding.on_auto_axes``) and the outputs' layouts come from the types."""
+    mesh = explicit_mesh()
+    pre, ft, x, y = host_problem()
+    place = lambda t: shd.shard_params(t, mesh, RULES)  # noqa: E731
+    x, y = shd.shard_batch((x, y), mesh)
+    args = (place(pre), [place(f) for f in ft], x, y)
+    with jax.set_mesh(mesh):
+        program = jax.jit(CASES[name]).lower(*args).compile()
+        return program, program(*args)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_explicit_mesh_keeps_shardings_gathers_nothing_and_matches(name):
+    program, out = explicit_compiled(name)
+    if name in FACTORS:
+        want = jax.tree.map(lambda s: NamedSharding(explicit_mesh(), s), FACTORS[name])
+    else:
+        want = shd.shardings_of(shd.shard_params(host_problem()[0], explicit_mesh(), RULES))
+    for (path, o), s in zip(
+        jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(want), strict=True
+    ):
+        assert o.sharding.is_equivalent_to(s, o.ndim), (
+            f"{name}: output{jax.tree_util.keystr(path)} has {o.sharding.spec}, expected {s.spec}"
+        )
+    bad = offending(program.as_text())
+    assert not bad, f"{name}: parameter- or input-sized collectives:\n" + "\n".join(map(str, bad))
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, out),
+        jax.tree.map(np.asarray, CASES[name](*host_problem())),
+        rtol=2e-4,
+        atol=2e-6,
+    )
