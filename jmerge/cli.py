@@ -83,8 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.dry_run and not args.out:
         parser.error("merge: --out/-o DIR is required (or --dry-run)")
+    from jmerge.io._memory import reuse_freed_memory
     from jmerge.io.streaming import merge_checkpoints
 
+    reuse_freed_memory()  # same-sized buffers per tensor: reuse them, no page faults
     try:
         summary = merge_checkpoints(
             args.config, args.out, dry_run=args.dry_run, progress=not args.no_progress,

@@ -473,18 +473,30 @@ def _kernel_args(params) -> dict:
 
 
 @partial(jax.jit, static_argnames=("method", "static", "globals_", "out_dtype"))
-def _tensor_kernel(base, tensors, dynamic, key, masks=None, scales=None, *, method, static,
-                   globals_, out_dtype):
+def _tensor_kernel(base, tensors, dynamic, key, masks=None, scales=None, bounds=None,
+                   start=None, *, method, static, globals_, out_dtype):
     """One tensor (or piece) of a mergekit method, compiled once per shape and static setting:
     the stack of the inputs, the merge, the cast to the output dtype and the finiteness check
     fuse into one program, so no (N, *s) float32 copy of the inputs is materialised outside
     it. ``masks``/``scales``: the sparsifying methods' masks and L1 factors of the whole
-    tensor (:func:`jmerge.merges.mergekit.sparsify_task_vector`)."""
-    from jmerge.merges.mergekit import merge_tensor
+    tensor (:func:`jmerge.merges.mergekit.sparsify_task_vector`); ``bounds`` ((N,), (N,)):
+    a magnitude selection's bounds instead of its masks, which are rebuilt here
+    (:func:`jmerge.merges.mergekit.keep_within`); ``start`` with ``key``: this piece begins
+    at entry ``start`` of its tensor, and DARE's masks are drawn here from the counter-based
+    uniforms of those entries (:func:`jmerge.merges.mergekit.uniforms`)."""
+    from jmerge.merges.mergekit import keep_within, merge_tensor, uniforms
 
+    stack = jnp.stack(tensors)
     per_model = dict(dynamic) | {k: np.asarray(v) for k, v in static}
-    merged = merge_tensor(method, base, jnp.stack(tensors), per_model, dict(globals_), key=key,
-                          masks=None if masks is None else jnp.stack(masks), scales=scales)
+    if bounds is not None:
+        masks = keep_within(base, stack, *bounds)
+    elif start is not None:
+        density = jnp.asarray(per_model["density"], jnp.float32).reshape(-1, 1)
+        masks, key = uniforms(key, stack.shape, start) < density, None
+    elif masks is not None:
+        masks = jnp.stack(masks)
+    merged = merge_tensor(method, base, stack, per_model, dict(globals_), key=key,
+                          masks=masks, scales=scales)
     return merged.astype(out_dtype), jnp.all(jnp.isfinite(merged))
 
 
@@ -502,6 +514,188 @@ def _padded_size(n: int) -> int:
     """Chunk length for a flat tensor of n entries: _CHUNK, or the next power of two (at least
     1024) for smaller tensors, so that a whole model compiles a handful of programs."""
     return _CHUNK if n >= _CHUNK else max(1024, 1 << (n - 1).bit_length())
+
+
+@partial(jax.jit, static_argnames=("shift", "width", "filtered", "select_dtype"))
+def _chunk_histogram(base, model, valid, prefixes, *, shift, width, filtered, select_dtype):
+    """Radix-select histograms of one chunk: for each prefix p_j, the counts (2^width bins)
+    of bits [shift, shift + width) of the order key of |δ| = |model − base| (rounded to
+    ``select_dtype``, as mergekit ranks it) over the chunk's first ``valid`` entries whose
+    higher bits equal p_j (all of them when not ``filtered``). (J, 2^width) int32."""
+    from jmerge.merges._select import _histogram, _to_key
+
+    wd = jnp.promote_types(select_dtype, jnp.float32)
+    mag = jnp.abs(model.astype(wd) - base.astype(wd)).astype(select_dtype)
+    key = _to_key(mag)
+    kd = key.dtype
+    bins = 1 << width
+    digit = ((key >> np.array(shift, kd)) & np.array(bins - 1, kd)).astype(jnp.int32)
+    live = jnp.arange(key.shape[0]) < valid
+    if filtered:
+        same = (key[None] >> np.array(shift + width, kd)) == prefixes[:, None]
+        digits = jnp.where(same & live[None], digit[None], bins)
+    else:
+        digits = jnp.where(live, digit, bins)[None]
+    return _histogram(digits, bins, 1)
+
+
+@partial(jax.jit, static_argnames=("select_dtype",))
+def _chunk_l1(base, model, valid, lo, hi, *, select_dtype):
+    """(Σ|δ|, Σ_{lo ≤ |δ| ≤ hi} |δ|) over the chunk's first ``valid`` entries, float32."""
+    wd = jnp.promote_types(select_dtype, jnp.float32)
+    delta = model.astype(wd) - base.astype(wd)
+    mag = jnp.abs(delta).astype(select_dtype)
+    live = jnp.arange(delta.shape[0]) < valid
+    kept = live & (mag >= lo) & (mag <= hi)
+    return jnp.sum(jnp.where(live, jnp.abs(delta), 0)), jnp.sum(jnp.where(kept, jnp.abs(delta), 0))
+
+
+def _streamed_kth(pieces: Callable, n: int, ks: Sequence[int], select_dtype) -> list[int]:
+    """The order keys (ints) of the k-th largest |δ| for each k in ``ks`` over a tensor read
+    in chunks (``pieces()`` yields ``(base, model, valid)``, re-read once per radix pass):
+    radix select as :func:`jmerge.merges._select.kth_largest_over`, with each pass's
+    histogram summed over the chunks (one pass for 16-bit dtypes, two for float32), so the
+    selection holds one chunk, not the tensor."""
+    from jmerge.merges._select import _digits
+
+    key_bits = np.dtype(select_dtype).itemsize * 8
+    prefixes = [0] * len(ks)
+    k_rem = list(ks)
+    decided = 0
+    for width in _digits(key_bits, n):
+        shift = key_bits - decided - width
+        kd = np.dtype(f"uint{key_bits}")
+        pre = jnp.asarray(np.array(prefixes, kd))
+        hist = None
+        for base, model, valid in pieces():
+            h = _chunk_histogram(base, model, valid, pre, shift=shift, width=width,
+                                 filtered=decided > 0, select_dtype=select_dtype)
+            hist = h if hist is None else hist + h
+        hist = np.asarray(hist, np.int64)
+        if decided == 0:
+            hist = np.repeat(hist, len(ks), axis=0)
+        for j in range(len(ks)):
+            at_least = np.cumsum(hist[j][::-1])[::-1]  # entries with digit >= d
+            d = int(np.nonzero(at_least >= k_rem[j])[0][-1])
+            k_rem[j] -= int(at_least[d] - hist[j][d])
+            prefixes[j] = (prefixes[j] << width) | d
+        decided += width
+    return prefixes
+
+
+def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
+    """Each model's magnitude-selection bounds ((N,) lo, (N,) hi) and L1 factors (N,),
+    computed over the whole tensor from chunks, one model at a time
+    (:func:`_streamed_kth`): two numbers per model replace its mask, and no whole-tensor
+    buffer is allocated."""
+    from jmerge.merges._select import _from_key
+    from jmerge.merges.mergekit import _GTA_KIND, _RESCALE_EPS, METHODS, selection_ranks
+
+    method = config.merge_method
+    spec, kind = METHODS[method], _GTA_KIND[method]
+    n = math.prod(t.shape)
+    size = _padded_size(n)
+    select_dtype = np.result_type(*(np.asarray(by_ref[r]).dtype for r in config.inputs))
+    flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
+    rescale = bool(params.global_.get("rescale", spec.global_["rescale"].default))
+
+    def piece(ref, start):
+        stop = min(start + size, n)
+        x = flat[ref][start:stop]
+        return jnp.asarray(np.pad(x, (0, size - (stop - start))) if stop - start < size else x)
+
+    def per_model(name, i):
+        default = spec.per_model[name].default if name in spec.per_model else 0.0
+        return float(np.asarray(params.per_model.get(name, [default] * len(config.stack))[i]))
+
+    los, his, scales = [], [], []
+    for i, ref in enumerate(config.stack):
+        def pieces(ref=ref):
+            for start in range(0, n, size):
+                yield piece(config.base, start), piece(ref, start), min(size, n - start)
+
+        d = per_model("density", i)
+        g = per_model("gamma", i) if kind == "outliers" else 0.0
+        lo_k, hi_k, keep_all, keep_none = selection_ranks(kind, n, [d], [g])
+        wanted = sorted({k for k in (lo_k[0], hi_k[0]) if k is not None})
+        keys = dict(zip(wanted, _streamed_kth(pieces, n, wanted, select_dtype), strict=True))
+        key_dtype = np.dtype(f"uint{8 * select_dtype.itemsize}")
+
+        def value(k, keys=keys, key_dtype=key_dtype):
+            if k is None:
+                return np.zeros((), select_dtype)
+            return np.asarray(_from_key(jnp.asarray(np.array(keys[k], key_dtype)), select_dtype))
+
+        inf = np.asarray(np.inf, select_dtype)
+        lo, hi = value(lo_k[0]), (inf if hi_k[0] is None else value(hi_k[0]))
+        if keep_all[0]:
+            lo, hi = np.zeros((), select_dtype), inf
+        if keep_none[0]:
+            lo, hi = inf, inf
+        scale = 1.0
+        if rescale:
+            before = after = 0.0
+            for b, m, valid in pieces():
+                s0, s1 = _chunk_l1(b, m, valid, lo, hi, select_dtype=select_dtype)
+                before, after = before + float(s0), after + float(s1)
+            small = before < _RESCALE_EPS or after < _RESCALE_EPS
+            scale = 1.0 if small else before / after
+        los.append(lo)
+        his.append(hi)
+        scales.append(scale)
+    wd = np.promote_types(select_dtype, np.float32)
+    bounds = (jnp.asarray(np.stack(los)), jnp.asarray(np.stack(his)))
+    return bounds, jnp.asarray(np.array(scales, wd))
+
+
+_HASHED = frozenset({"dare_linear", "dare_ties"})
+"""Random methods whose masks are drawn per chunk from counter-based uniforms (no mask the
+size of the tensor is held; DELLA's rank-dependent probabilities need whole rows)."""
+
+
+@jax.jit
+def _chunk_random_l1(base, stack, valid, density, key, start):
+    """Per model (Σ|δ|, Σ_kept |δ|) over a chunk's first ``valid`` entries, DARE's masks drawn
+    as the merge draws them (:func:`jmerge.merges.mergekit.uniforms`); float32 (N,) each."""
+    from jmerge.merges.mergekit import uniforms
+
+    wd = jnp.promote_types(stack.dtype, jnp.float32)
+    delta = jnp.abs(stack.astype(wd) - base.astype(wd)[None])
+    live = (jnp.arange(delta.shape[1]) < valid)[None]
+    keep = live & (uniforms(key, delta.shape, start) < density[:, None])
+    return jnp.sum(jnp.where(live, delta, 0), 1), jnp.sum(jnp.where(keep, delta, 0), 1)
+
+
+def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, key):
+    """DARE's L1 rescale factors ‖δ_t‖₁ / ‖m_t ⊙ δ_t‖₁ (mergekit
+    sparsify.rescaled_masked_tensor) over the whole tensor, from one pass over its chunks;
+    None when the method does not rescale."""
+    from jmerge.merges.mergekit import _RESCALE_EPS, METHODS
+
+    spec = METHODS[config.merge_method]
+    if not bool(params.global_.get("rescale", spec.global_["rescale"].default)):
+        return None
+    n = math.prod(t.shape)
+    size = _padded_size(n)
+    flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
+    density = jnp.asarray(np.asarray(params.per_model["density"], np.float32))
+    before = np.zeros(len(config.stack))
+    after = np.zeros(len(config.stack))
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+
+        def piece(ref, start=start, stop=stop):
+            x = flat[ref][start:stop]
+            return np.pad(x, (0, size - (stop - start))) if stop - start < size else x
+
+        s0, s1 = _chunk_random_l1(jnp.asarray(piece(config.base)),
+                                  jnp.stack([jnp.asarray(piece(r)) for r in config.stack]),
+                                  stop - start, density, key, start)
+        before += np.asarray(s0, np.float64)
+        after += np.asarray(s1, np.float64)
+    small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    wd = np.promote_types(np.result_type(*(flat[r].dtype for r in config.inputs)), np.float32)
+    return jnp.asarray(np.where(small, 1.0, before / np.where(small, 1.0, after)).astype(wd))
 
 
 def _sparsify(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, seed: int):
@@ -524,7 +718,7 @@ def _sparsify(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, seed:
 
 
 def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
-                   masks=None, scales=None):
+                   masks=None, scales=None, bounds=None, key=None):
     """An elementwise method (or a sparsifying one given its masks and factors) over flat
     chunks of fixed length (the last one zero-padded): the process holds one output tensor
     plus one chunk per input, and every tensor of the model runs one of a few compiled
@@ -547,9 +741,10 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
         stack = tuple(pad(flat[ref][start:stop], start, stop) for ref in config.stack)
         piece_masks = None if masks is None else tuple(
             pad(m[start:stop], start, stop) for m in masks)
-        merged, ok = _tensor_kernel(base, stack, key=None, masks=piece_masks, scales=scales,
-                                    method=config.merge_method, out_dtype=np.dtype(t.dtype),
-                                    **args)
+        merged, ok = _tensor_kernel(base, stack, key=key, masks=piece_masks, scales=scales,
+                                    bounds=bounds, start=None if key is None else start,
+                                    method=config.merge_method,
+                                    out_dtype=np.dtype(t.dtype), **args)
         out[start:stop] = np.asarray(merged)[: stop - start]
         finite = finite and bool(ok)
     return out.reshape(t.shape), finite
@@ -562,6 +757,15 @@ def _merge_one(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays):
     by_ref = dict(zip(config.inputs, arrays, strict=True))
     if config.merge_method in _ELEMENTWISE:
         return _merge_chunked(config, t, by_ref, params)
+    from jmerge.merges.mergekit import SELECTING
+
+    if config.merge_method in _HASHED and len(t.shape) > 0:
+        key = _key_for(seed, t.name)
+        scales = _random_scales(config, t, by_ref, params, key)
+        return _merge_chunked(config, t, by_ref, params, scales=scales, key=key)
+    if config.merge_method in SELECTING and len(t.shape) > 0:
+        bounds, scales = _selection(config, t, by_ref, params)
+        return _merge_chunked(config, t, by_ref, params, scales=scales, bounds=bounds)
     if config.merge_method in _SPARSIFYING and len(t.shape) > 0:
         masks, scales = _sparsify(config, t, by_ref, params, seed)
         return _merge_chunked(config, t, by_ref, params, masks, scales)

@@ -11,7 +11,10 @@ Dtypes: mergekit's ``linear`` and ``slerp`` compute in float32 (float64 for floa
 its other methods compute in the inputs' (promoted) dtype, i.e. in bfloat16 for bfloat16
 checkpoints unless the YAML sets ``dtype``. Here every method computes in float32 (float64 for
 float64 inputs) and returns the promoted dtype of its inputs (mergekit's output dtype before
-``out_dtype``), so results agree with mergekit to the rounding of the inputs' dtype.
+``out_dtype``), so results agree with mergekit to the rounding of the inputs' dtype. The
+magnitude selections (``ties``, ``breadcrumbs*``) rank |δ| rounded to that dtype, as mergekit
+does (its δ is a bfloat16 difference for bfloat16 checkpoints), so they keep mergekit's
+entries, and for 16-bit inputs the k-th magnitude is one radix pass.
 
 Ties at a magnitude threshold: mergekit's top-k (``torch.argsort``) keeps exactly k entries and
 breaks ties in an unspecified order; here every entry whose magnitude equals the threshold is
@@ -54,7 +57,7 @@ tensor (its k depends on the data).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -73,6 +76,10 @@ __all__ = [
     "METHODS",
     "merge_tensor",
     "sparsify_task_vector",
+    "SELECTING",
+    "selection_bounds",
+    "keep_within",
+    "uniforms",
     "linear",
     "task_arithmetic",
     "ties",
@@ -196,56 +203,117 @@ def _kth_per_model(mags: jax.Array, ks: tuple[int | None, ...]) -> jax.Array:
     return out
 
 
-def _row_flags(flags: list[bool], ndim: int) -> jax.Array:
-    return _bcast(jnp.asarray(flags, bool), ndim)
-
-
-def _magnitude_keep(delta: jax.Array, densities: tuple[float, ...]) -> jax.Array:
-    """sparsify.magnitude: keep the k = max(1, ⌊density·n⌋) largest |δ| of each model (ties kept).
-
-    density ≥ 1 keeps everything, density ≤ 0 nothing. ``delta``: (N, *s) -> bool (N, *s).
-    """
-    num, n = delta.shape[0], math.prod(delta.shape[1:])
+def _magnitudes(delta: jax.Array, select_dtype: Any) -> jax.Array:
+    """|δ| in ``select_dtype``, the dtype mergekit computes δ in (bfloat16 for bfloat16
+    checkpoints: its δ is the rounded difference, so its top-k ranks the rounded magnitudes).
+    Ranking those makes the selection mergekit's, and a 16-bit key is one radix pass instead
+    of two (jmerge.merges._select)."""
     mag = jnp.abs(delta)
-    if n == 0:
-        return jnp.zeros(delta.shape, bool)
-    ks = tuple(max(1, int(d * n)) if 0 < d < 1 else None for d in densities)
-    thr = _bcast(_kth_per_model(mag.reshape(num, n), ks), delta.ndim)
-    keep_all = _row_flags([d >= 1 for d in densities], delta.ndim)
-    keep_none = _row_flags([d <= 0 for d in densities], delta.ndim)
-    return keep_all | (~keep_none & (mag >= thr))
+    return mag if select_dtype is None else mag.astype(select_dtype)
 
 
-def _outlier_keep(
-    delta: jax.Array, densities: tuple[float, ...], gammas: tuple[float, ...]
-) -> jax.Array:
-    """sparsify.magnitude_outliers: drop the ⌊γ·n⌋ largest |δ| and keep the next ⌊density·n⌋.
+def _within(mag: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """keep = lo_t ≤ |δ_t| ≤ hi_t per model: ``mag`` (N, *s), ``lo``/``hi`` (N,)."""
+    return (mag >= _bcast(lo, mag.ndim)) & (mag <= _bcast(hi, mag.ndim))
 
-    mergekit sorts |δ| ascending and keeps positions [n_bot, n_bot + target) with
-    target = ⌊density·n⌋, n_top = ⌊γ·n⌋, n_bot = max(0, n − target − n_top): in descending
-    rank (1-based) the kept entries are those of rank in (n_top', n_top' + target] with
-    n_top' = n − n_bot − target = min(n_top, n − target). Ties at either end are kept.
-    density ≥ 1 keeps everything.
+
+def _magnitude_bounds(mag: jax.Array, densities: tuple[float, ...]) -> tuple[jax.Array, ...]:
+    """(lo, hi), each (N,), with sparsify.magnitude's kept entries = those with
+    lo ≤ |δ| ≤ hi (:func:`selection_ranks`), from the (N, *s) magnitudes ``mag``."""
+    num, n = mag.shape[0], math.prod(mag.shape[1:])
+    flat = mag.reshape(num, n)
+    return _bounds_from_ranks(
+        selection_ranks("magnitude", n, densities), lambda ks: _kth_per_model(flat, ks),
+        mag.dtype)
+
+
+def selection_ranks(
+    kind: str, n: int, densities: Sequence[float], gammas: Sequence[float] | None = None
+) -> tuple[tuple[int | None, ...], tuple[int | None, ...], tuple[bool, ...], tuple[bool, ...]]:
+    """The ranks that bound a magnitude selection among ``n`` entries, per model:
+    ``(lo_ranks, hi_ranks, keep_all, keep_none)``.
+
+    The kept entries are those whose |δ| lies between the value of descending rank
+    ``lo_ranks[t]`` (1-based, ties kept) and that of rank ``hi_ranks[t]`` (None: no upper
+    bound), every entry where ``keep_all[t]``, none where ``keep_none[t]``.
+
+    * ``kind="magnitude"`` (sparsify.magnitude, TIES): lo rank k = max(1, ⌊density·n⌋);
+      density ≥ 1 keeps everything, density ≤ 0 nothing.
+    * ``kind="outliers"`` (sparsify.magnitude_outliers, breadcrumbs): mergekit sorts |δ|
+      ascending and keeps positions [n_bot, n_bot + target) with target = ⌊density·n⌋,
+      n_top = ⌊γ·n⌋, n_bot = max(0, n − target − n_top): in descending rank the kept entries
+      are those of rank in (n_top', n_top' + target], n_top' = n − n_bot − target =
+      min(n_top, n − target); a target of 0 keeps nothing, density ≥ 1 everything.
     """
-    num, n = delta.shape[0], math.prod(delta.shape[1:])
-    mag = jnp.abs(delta)
-    if n == 0:
-        return jnp.zeros(delta.shape, bool)
-    lo_ks, hi_ks, keep_all, keep_none, cap = [], [], [], [], []
-    for d, g in zip(densities, gammas, strict=True):
+    lo, hi, keep_all, keep_none = [], [], [], []
+    for i, d in enumerate(densities):
+        if kind == "magnitude":
+            lo.append(max(1, int(d * n)) if 0 < d < 1 else None)
+            hi.append(None)
+            keep_all.append(d >= 1)
+            keep_none.append(d <= 0)
+            continue
         target = int(d * n)
-        top = n - max(0, n - target - int(g * n)) - target  # entries dropped from the top
+        top = n - max(0, n - target - int(gammas[i] * n)) - target  # dropped from the top
         active = d < 1 and target > 0
         keep_all.append(d >= 1)
         keep_none.append(d < 1 and target <= 0)
-        lo_ks.append(top + target if active else None)
-        hi_ks.append(top + 1 if active and top > 0 else None)
-        cap.append(active and top > 0)
+        lo.append(top + target if active else None)
+        hi.append(top + 1 if active and top > 0 else None)
+    return tuple(lo), tuple(hi), tuple(keep_all), tuple(keep_none)
+
+
+def _bounds_from_ranks(ranks, kth: Callable, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """(lo, hi), each (N,) of ``dtype``, from :func:`selection_ranks` and ``kth(ks)``, the
+    per-model values of descending ranks ``ks`` (0 where a rank is None)."""
+    lo_ks, hi_ks, keep_all, keep_none = ranks
+    inf = jnp.asarray(jnp.inf, dtype)
+    lo = jnp.asarray(kth(lo_ks), dtype)
+    hi = jnp.where(jnp.asarray([k is None for k in hi_ks]), inf, jnp.asarray(kth(hi_ks), dtype))
+    lo = jnp.where(jnp.asarray(keep_all), jnp.zeros((), dtype), lo)
+    hi = jnp.where(jnp.asarray(keep_all), inf, hi)
+    lo = jnp.where(jnp.asarray(keep_none), inf, lo)
+    hi = jnp.where(jnp.asarray(keep_none), inf, hi)
+    return lo.astype(dtype), hi.astype(dtype)
+
+
+def _magnitude_keep(
+    delta: jax.Array, densities: tuple[float, ...], select_dtype: Any = None
+) -> jax.Array:
+    """sparsify.magnitude: keep the k = max(1, ⌊density·n⌋) largest |δ| of each model (ties kept).
+
+    density ≥ 1 keeps everything, density ≤ 0 nothing. ``delta``: (N, *s) -> bool (N, *s).
+    Magnitudes are ranked in ``select_dtype`` (:func:`_magnitudes`).
+    """
+    mag = _magnitudes(delta, select_dtype)
+    if mag.size == 0:
+        return jnp.zeros(delta.shape, bool)
+    return _within(mag, *_magnitude_bounds(mag, densities))
+
+
+def _outlier_bounds(
+    mag: jax.Array, densities: tuple[float, ...], gammas: tuple[float, ...]
+) -> tuple[jax.Array, ...]:
+    """(lo, hi), each (N,), with sparsify.magnitude_outliers' kept entries = lo ≤ |δ| ≤ hi
+    (:func:`selection_ranks`), from the (N, *s) magnitudes ``mag``."""
+    num, n = mag.shape[0], math.prod(mag.shape[1:])
     flat = mag.reshape(num, n)
-    lo = _bcast(_kth_per_model(flat, tuple(lo_ks)), delta.ndim)
-    hi = _bcast(_kth_per_model(flat, tuple(hi_ks)), delta.ndim)
-    keep = (mag >= lo) & (~_row_flags(cap, delta.ndim) | (mag <= hi))
-    return _row_flags(keep_all, delta.ndim) | (~_row_flags(keep_none, delta.ndim) & keep)
+    return _bounds_from_ranks(
+        selection_ranks("outliers", n, densities, gammas), lambda ks: _kth_per_model(flat, ks),
+        mag.dtype)
+
+
+def _outlier_keep(
+    delta: jax.Array, densities: tuple[float, ...], gammas: tuple[float, ...],
+    select_dtype: Any = None,
+) -> jax.Array:
+    """sparsify.magnitude_outliers: drop the ⌊γ·n⌋ largest |δ| and keep the next ⌊density·n⌋
+    (:func:`_outlier_bounds`). Magnitudes are ranked in ``select_dtype``
+    (:func:`_magnitudes`)."""
+    mag = _magnitudes(delta, select_dtype)
+    if mag.size == 0:
+        return jnp.zeros(delta.shape, bool)
+    return _within(mag, *_outlier_bounds(mag, densities, gammas))
 
 
 def _della_probs(delta: jax.Array, density: jax.Array, epsilon: jax.Array) -> jax.Array:
@@ -279,17 +347,35 @@ def _della_probs(delta: jax.Array, density: jax.Array, epsilon: jax.Array) -> ja
 _GTA_STATIC = ("kind", "static_d", "static_g", "consensus", "normalize", "rescale")
 
 
-def _keep(delta, d, e, masks, key, *, kind, static_d, static_g):
+def uniforms(key: jax.Array, shape: tuple[int, ...], start: Any = 0) -> jax.Array:
+    """U[0, 1) (float32, multiples of 2⁻²⁴) for a stack of N models, shape (N, *s): model t's
+    entry of row-major index i gets the top 24 bits of h(start + i) = mix(mix(start + i + s0)
+    ⊕ s1) with (s0, s1) = ``jax.random.bits(key, (N, 2))[t]`` and mix the lowbias32 hash
+    (a counter-based generator, as :func:`jmerge.dare`'s masks). Entry i's number depends on
+    the key, the model and i only, so a piece of a tensor starting at entry ``start`` (may
+    be traced) draws exactly the numbers of the whole tensor there: the random methods merge
+    a tensor in chunks without a mask of its size. Fewer than 2³² entries per model."""
+    from jmerge.merges.sparse import _mix32
+
+    num, n = shape[0], math.prod(shape[1:])
+    seeds = jax.random.bits(key, (num, 2), jnp.uint32)
+    index = jnp.arange(n, dtype=jnp.uint32)[None] + jnp.asarray(start).astype(jnp.uint32)
+    h = _mix32(_mix32(index + seeds[:, :1]) ^ seeds[:, 1:])
+    return ((h >> np.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)).reshape(shape)
+
+
+def _keep(delta, d, e, masks, key, *, kind, static_d, static_g, select_dtype=None):
     """The keep masks (N, *s) of a sparsification ``kind`` and which models it acts on (N,)."""
     if kind == "magnitude":
-        keep = _magnitude_keep(delta, static_d) if masks is None else masks
+        keep = _magnitude_keep(delta, static_d, select_dtype) if masks is None else masks
         return keep, jnp.asarray(static_d) < 1
     if kind == "outliers":
-        keep = _outlier_keep(delta, static_d, static_g) if masks is None else masks
+        keep = (_outlier_keep(delta, static_d, static_g, select_dtype) if masks is None
+                else masks)
         return keep, jnp.asarray(static_d) < 1
     # "random" (sparsify.bernoulli) or "della" (sparsify.della_magprune)
     if masks is None:
-        u = jax.random.uniform(key, delta.shape, jnp.float32)
+        u = uniforms(key, delta.shape)
         p = (_bcast(d, delta.ndim).astype(jnp.float32) if kind == "random"
              else _della_probs(delta, d, e))
         keep = u < p
@@ -314,7 +400,7 @@ def _gta_kernel(base, tensors, weights, d, e, masks, key, lam, scales=None, *, k
     delta = tensors.astype(wd) - b
     if kind is not None:
         keep, active = _keep(delta, d, e, masks, key, kind=kind, static_d=static_d,
-                             static_g=static_g)
+                             static_g=static_g, select_dtype=out)
         if scales is None:
             sparse = _rescaled(delta, keep, rescale)
         else:
@@ -1191,11 +1277,78 @@ def sparsify_task_vector(
         rescale=rescale)
 
 
+SELECTING = frozenset(m for m, k in _GTA_KIND.items() if k in ("magnitude", "outliers"))
+"""The sparsifying methods whose masks are magnitude selections (:func:`selection_bounds`)."""
+
+
+def selection_bounds(
+    method: str,
+    base: ArrayLike,
+    tensor: ArrayLike,
+    per_model: Mapping[str, Any],
+    global_: Mapping[str, Any],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One model's magnitude selection as bounds: ``(lo, hi, scale)``, scalars.
+
+    For the methods of :data:`SELECTING` (``ties``, ``breadcrumbs``, ``breadcrumbs_ties``)
+    the keep mask of :func:`sparsify_task_vector` is exactly ``lo ≤ |δ| ≤ hi`` with |δ| in the
+    method's dtype (the inputs' promoted dtype, as mergekit ranks it): ``lo`` is the smallest
+    kept magnitude (0 keeps all, ∞ none), ``hi`` the largest (∞ unless ``gamma`` drops the
+    top). ``scale`` is the L1 rescale factor as in :func:`sparsify_task_vector`. A merge of
+    any piece of the tensor then needs two numbers per model, not a mask the size of the
+    tensor: :func:`keep_within` rebuilds the masks of the piece.
+    """
+    if method not in SELECTING:
+        raise ValueError(f"{method!r} does not select by magnitude; methods that do: "
+                         f"{', '.join(sorted(SELECTING))}.")
+    spec = METHODS[method]
+    value = lambda name: float(np.asarray(per_model.get(name, spec.per_model[name].default)))
+    kind = _GTA_KIND[method]
+    static_g = (value("gamma"),) if kind == "outliers" else None
+    rescale = bool(global_.get("rescale", spec.global_["rescale"].default))
+    return _bounds_one(jnp.asarray(base), jnp.asarray(tensor), kind=kind,
+                       static_d=(value("density"),), static_g=static_g, rescale=rescale)
+
+
+@partial(jax.jit, static_argnames=("kind", "static_d", "static_g", "rescale"))
+def _bounds_one(base, tensor, *, kind, static_d, static_g, rescale):
+    out = _out_dtype(base, tensor[None])
+    wd = compute_dtype(out)
+    delta = (tensor.astype(wd) - base.astype(wd))[None]
+    mag = _magnitudes(delta, out)
+    if mag.size == 0:
+        inf = jnp.full((1,), jnp.inf, out)
+        lo, hi = inf, inf
+    elif kind == "magnitude":
+        lo, hi = _magnitude_bounds(mag, static_d)
+    else:
+        lo, hi = _outlier_bounds(mag, static_d, static_g)
+    scale = jnp.ones((), wd)
+    if rescale:
+        before = jnp.sum(jnp.abs(delta))
+        after = jnp.sum(jnp.abs(jnp.where(_within(mag, lo, hi), delta, 0)))
+        small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+        scale = jnp.where(small, 1, before / jnp.where(small, 1, after)).astype(wd)
+    return lo[0], hi[0], scale
+
+
+def keep_within(base: ArrayLike, tensors: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
+    """The keep masks ``lo_t ≤ |θ_t − θ_base| ≤ hi_t`` (bool, (N, *s)) of ``tensors`` (N, *s),
+    |δ| in the inputs' promoted dtype, for ``lo``/``hi`` (N,) from :func:`selection_bounds`."""
+    base, tensors = jnp.asarray(base), jnp.asarray(tensors)
+    out = _out_dtype(base, tensors)
+    wd = compute_dtype(out)
+    mag = _magnitudes(tensors.astype(wd) - base.astype(wd), out)
+    return _within(mag, jnp.asarray(lo).astype(out), jnp.asarray(hi).astype(out))
+
+
 @partial(jax.jit, static_argnames=("kind", "static_d", "static_g", "rescale"))
 def _sparsify_one(base, tensor, d, e, key, *, kind, static_d, static_g, rescale):
-    wd = compute_dtype(_out_dtype(base, tensor[None]))
+    out = _out_dtype(base, tensor[None])
+    wd = compute_dtype(out)
     delta = (tensor.astype(wd) - base.astype(wd))[None]
-    keep, _ = _keep(delta, d, e, None, key, kind=kind, static_d=static_d, static_g=static_g)
+    keep, _ = _keep(delta, d, e, None, key, kind=kind, static_d=static_d, static_g=static_g,
+                    select_dtype=out)
     if not rescale:
         return keep[0], jnp.ones((), wd)
     before = jnp.sum(jnp.abs(delta))

@@ -6,6 +6,7 @@ methods read from curvature files.
 """
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -371,3 +372,86 @@ def test_cli_help_lists_methods_and_parameters():
     top = subprocess.run([sys.executable, "-m", "jmerge.cli", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "merge" in top
+
+
+# ------------------------------------------------------- magnitude selections read in chunks
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16])
+@pytest.mark.parametrize("n", [1, 777, 5000])
+def test_streamed_kth_equals_top_k(dtype, n):
+    """The chunked radix select (histograms summed over padded chunks, one pass for 16-bit
+    keys, two for float32) returns lax.top_k's k-th largest |δ|, ties included."""
+    from jmerge.io.streaming import _streamed_kth
+    from jmerge.merges._select import _from_key
+
+    r = np.random.default_rng(n)
+    base = r.normal(size=n).astype(dtype)
+    model = (base.astype(np.float32) + r.choice([0.0, 0.5, -1.0, 1e-3], n)
+             * r.normal(size=n).astype(np.float32)).astype(dtype)
+    mag = np.abs(model.astype(np.float32) - base.astype(np.float32)).astype(dtype)
+    size = 1024
+
+    def pieces():
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            yield (jnp.asarray(np.pad(base[start:stop], (0, size - (stop - start)))),
+                   jnp.asarray(np.pad(model[start:stop], (0, size - (stop - start)))),
+                   stop - start)
+
+    ks = sorted({1, max(1, n // 3), n})
+    keys = _streamed_kth(pieces, n, ks, np.dtype(dtype))
+    kd = np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
+    got = [float(_from_key(jnp.asarray(np.array(k, kd)), dtype)) for k in keys]
+    want = [float(jax.lax.top_k(jnp.asarray(mag.astype(np.float32)), k)[0][k - 1]) for k in ks]
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "method,params,global_",
+    [
+        ("ties", {"density": 0.3}, {}),
+        ("ties", {"density": 0.6}, {"normalize": False}),
+        ("breadcrumbs", {"density": 0.4, "gamma": 0.05}, {}),
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}, {"rescale": True}),
+        ("dare_ties", {"density": 0.5}, {}),
+        ("dare_linear", {"density": 0.3}, {"rescale": False}),
+    ],
+)
+def test_sparsifying_methods_from_files_equal_whole_tensor_merges(
+    family, tmp_path, monkeypatch, method, params, global_
+):
+    """TIES / breadcrumbs / DARE merged from files in chunks equal mergekit-semantics merges
+    of the whole tensors in memory (jmerge.merges.mergekit.merge_tensor, which sees the whole
+    tensor at once): a selection as two bounds per model from a chunked radix select, DARE's
+    masks drawn per chunk from the counter-based uniforms of the tensor's key (the whole
+    tensor's draws, given the same key) and its L1 factors summed over the chunks."""
+    from jmerge.io import streaming
+    from jmerge.merges.mergekit import merge_tensor
+
+    monkeypatch.setattr(streaming, "_CHUNK", 2048)  # every matrix spans several chunks
+    root, base, fts = family
+    weights = [0.5, 0.3, 0.2]
+    cfg = _write(tmp_path / "m.yaml", {
+        "merge_method": method, "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": w} | params}
+                   for p, w in zip(fts, weights, strict=True)],
+        "parameters": global_,
+    })
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    out = SafetensorsCheckpoint(tmp_path / "out")
+    b = SafetensorsCheckpoint(base)
+    f = [SafetensorsCheckpoint(p) for p in fts]
+    per_model = {"weight": np.asarray(weights)} | {k: np.full(3, v) for k, v in params.items()}
+    checked = 0
+    for name in b.names:
+        if len(b.shape(name)) < 1:
+            continue
+        key = streaming._key_for(0, name) if method.startswith("dare") else None
+        want = merge_tensor(method, jnp.asarray(b.get(name)),
+                            jnp.stack([jnp.asarray(fi.get(name)) for fi in f]),
+                            per_model, global_, key=key)
+        np.testing.assert_allclose(_f32(out, name), np.asarray(want, np.float32),
+                                   rtol=2 ** -7, atol=1e-6, err_msg=name)
+        checked += math.prod(b.shape(name)) > 2048
+    assert checked > 0
