@@ -13,6 +13,7 @@ error during the merge (nothing written either: the output is committed atomical
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -87,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jmerge.io.streaming import merge_checkpoints
 
     reuse_freed_memory()  # same-sized buffers per tensor: reuse them, no page faults
+    gc.freeze()  # the objects of the imports are never collected: no GC passes over them
     try:
         summary = merge_checkpoints(
             args.config, args.out, dry_run=args.dry_run, progress=not args.no_progress,
