@@ -27,9 +27,10 @@ computes one model's mask over a whole tensor; with both given the merge is elem
 large tensor can be merged in pieces with the masks and factors of the whole.
 
 Random methods (``dare_*``, ``della*``) take either ``key`` (a ``jax.random`` key; the mask is
-Bernoulli with mergekit's keep probabilities, not torch's random stream) or ``masks`` (a boolean
-``(N, *s)`` array, True = keep), so that a mask drawn elsewhere (e.g. by torch) reproduces
-mergekit's result exactly.
+Bernoulli with mergekit's keep probabilities, drawn from the counter-based :func:`uniforms`, not
+torch's random stream, so a piece of a tensor draws what the whole tensor draws there) or
+``masks`` (a boolean ``(N, *s)`` array, True = keep), so that a mask drawn elsewhere (e.g. by
+torch) reproduces mergekit's result exactly.
 
 Where mergekit differs from the papers (and from :func:`jmerge.ties`, :func:`jmerge.dare`,
 :func:`jmerge.task_arithmetic`):
