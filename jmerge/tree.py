@@ -388,11 +388,12 @@ def placed_shardings(tree: PyTree, *, typed: bool = True) -> tuple[NamedSharding
     constrains its parameter-shaped result to them (:func:`constrain`): without it, XLA's
     sharding propagation would place the result like the activations it is computed from
     (e.g. a bias' Fisher sharded over the model axis, a kernel's over its input axis). Under
-    an outer ``jax.jit`` (the solver merges place their result on them instead, :func:`place`)
-    the shardings of traced parameters are not known here: pass
-    ``out_shardings`` to that ``jit`` (or trace under an Explicit mesh: there every leaf's
-    type carries its sharding, which is returned for traced leaves too unless ``typed`` is
-    False).
+    an outer ``jax.jit`` on an Auto mesh the shardings of traced parameters are not known
+    here: a bare curvature function needs ``out_shardings`` on that ``jit``, while the solver
+    merges need neither (their kernels lay the result out like the pretrained params, a
+    ``shard_alike`` group, ``jmerge.merges._solve.laid_out_like``). Under an Explicit mesh
+    every leaf's type carries its sharding, which is returned for traced leaves too unless
+    ``typed`` is False.
     """
     leaves = jax.tree_util.tree_leaves(tree)
     types = [getattr(jax.typeof(x), "sharding", None) if is_traced(x) else None for x in leaves]
