@@ -518,6 +518,13 @@ def _padded_size(n: int) -> int:
     return _CHUNK if n >= _CHUNK else max(1024, 1 << (n - 1).bit_length())
 
 
+def _piece(flat: np.ndarray, start: int, size: int) -> np.ndarray:
+    """Entries [start, start + size) of a flat array, zero-padded past its end (the last
+    chunk of a tensor)."""
+    x = flat[start : start + size]
+    return np.pad(x, (0, size - x.size)) if x.size < size else x
+
+
 @partial(jax.jit, static_argnames=("shift", "width", "filtered", "select_dtype"))
 def _chunk_histogram(base, model, valid, prefixes, *, shift, width, filtered, select_dtype):
     """Radix-select histograms of one chunk: for each prefix p_j, the counts (2^width bins)
@@ -602,9 +609,7 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
     rescale = bool(params.global_.get("rescale", spec.global_["rescale"].default))
 
     def piece(ref, start):
-        stop = min(start + size, n)
-        x = flat[ref][start:stop]
-        return jnp.asarray(np.pad(x, (0, size - (stop - start))) if stop - start < size else x)
+        return jnp.asarray(_piece(flat[ref], start, size))
 
     def per_model(name, i):
         default = spec.per_model[name].default if name in spec.per_model else 0.0
@@ -684,15 +689,10 @@ def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, 
     before = np.zeros(len(config.stack))
     after = np.zeros(len(config.stack))
     for start in range(0, n, size):
-        stop = min(start + size, n)
-
-        def piece(ref, start=start, stop=stop):
-            x = flat[ref][start:stop]
-            return np.pad(x, (0, size - (stop - start))) if stop - start < size else x
-
-        s0, s1 = _chunk_random_l1(jnp.asarray(piece(config.base)),
-                                  jnp.stack([jnp.asarray(piece(r)) for r in config.stack]),
-                                  stop - start, density, key, start)
+        s0, s1 = _chunk_random_l1(jnp.asarray(_piece(flat[config.base], start, size)),
+                                  jnp.asarray(np.stack([_piece(flat[r], start, size)
+                                                        for r in config.stack])),
+                                  min(size, n - start), density, key, start)
         before += np.asarray(s0, np.float64)
         after += np.asarray(s1, np.float64)
     small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)

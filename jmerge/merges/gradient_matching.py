@@ -163,20 +163,9 @@ def gradient_matching(
       values, negative curvature diagonals, dataset sizes or prior, an unknown
       preconditioner), naming the argument and the leaf path.
 
-    Sharded parameters (a ``jax.sharding.Mesh``, e.g. ``jmerge.sharding.shard_params``): the
-    merged params come back with ``pretrained``'s shardings whether the merge is called
-    eagerly or inside the user's own ``jax.jit`` under ``jax.set_mesh(mesh)``, Auto or
-    Explicit axes, with no ``out_shardings`` and no extra argument (each output leaf is put in
-    one sharding group with its pretrained leaf, ``jax.experimental.shard_alike``). The CG
-    iterates are left to the partitioner, which lays them out like the model's gradients:
-    a CG step with a matrix-free curvature runs the model's own collectives (activation
-    all-gathers, reductions over the data axis) and scalar all-reduces, no gather or
-    all-to-all of parameter blocks; a replicated leaf's result is all-gathered once at the
-    end. Hutchinson probes (relative damping / prior with a curvature of unknown diagonal)
-    are laid out like their products (no all-to-all of kernel blocks per probe; a replicated
-    leaf's product is all-gathered, its own size). ``out_shardings`` of the user's ``jit``
-    still choose another layout for the result. Checked on the compiled HLO on 8 devices
-    (tests/merges/test_sharded_merges.py, tests/curvature/test_sharded_curvature.py).
+    Sharded parameters: as :func:`jmerge.mats` (the merged params come back with
+    ``pretrained``'s shardings, eagerly or inside the user's own ``jax.jit`` under Auto or
+    Explicit axes, with no ``out_shardings``; the CG loop gathers no parameter blocks).
     """
     prep = prepare(pretrained, finetuned, include=include, exclude=exclude)
     num_models = prep.num_models

@@ -78,7 +78,7 @@ __all__ = [
     "merge_tensor",
     "sparsify_task_vector",
     "SELECTING",
-    "selection_bounds",
+    "selection_ranks",
     "keep_within",
     "uniforms",
     "linear",
@@ -1279,63 +1279,15 @@ def sparsify_task_vector(
 
 
 SELECTING = frozenset(m for m, k in _GTA_KIND.items() if k in ("magnitude", "outliers"))
-"""The sparsifying methods whose masks are magnitude selections (:func:`selection_bounds`)."""
-
-
-def selection_bounds(
-    method: str,
-    base: ArrayLike,
-    tensor: ArrayLike,
-    per_model: Mapping[str, Any],
-    global_: Mapping[str, Any],
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One model's magnitude selection as bounds: ``(lo, hi, scale)``, scalars.
-
-    For the methods of :data:`SELECTING` (``ties``, ``breadcrumbs``, ``breadcrumbs_ties``)
-    the keep mask of :func:`sparsify_task_vector` is exactly ``lo ≤ |δ| ≤ hi`` with |δ| in the
-    method's dtype (the inputs' promoted dtype, as mergekit ranks it): ``lo`` is the smallest
-    kept magnitude (0 keeps all, ∞ none), ``hi`` the largest (∞ unless ``gamma`` drops the
-    top). ``scale`` is the L1 rescale factor as in :func:`sparsify_task_vector`. A merge of
-    any piece of the tensor then needs two numbers per model, not a mask the size of the
-    tensor: :func:`keep_within` rebuilds the masks of the piece.
-    """
-    if method not in SELECTING:
-        raise ValueError(f"{method!r} does not select by magnitude; methods that do: "
-                         f"{', '.join(sorted(SELECTING))}.")
-    spec = METHODS[method]
-    value = lambda name: float(np.asarray(per_model.get(name, spec.per_model[name].default)))
-    kind = _GTA_KIND[method]
-    static_g = (value("gamma"),) if kind == "outliers" else None
-    rescale = bool(global_.get("rescale", spec.global_["rescale"].default))
-    return _bounds_one(jnp.asarray(base), jnp.asarray(tensor), kind=kind,
-                       static_d=(value("density"),), static_g=static_g, rescale=rescale)
-
-
-@partial(jax.jit, static_argnames=("kind", "static_d", "static_g", "rescale"))
-def _bounds_one(base, tensor, *, kind, static_d, static_g, rescale):
-    out = _out_dtype(base, tensor[None])
-    wd = compute_dtype(out)
-    delta = (tensor.astype(wd) - base.astype(wd))[None]
-    mag = _magnitudes(delta, out)
-    if mag.size == 0:
-        inf = jnp.full((1,), jnp.inf, out)
-        lo, hi = inf, inf
-    elif kind == "magnitude":
-        lo, hi = _magnitude_bounds(mag, static_d)
-    else:
-        lo, hi = _outlier_bounds(mag, static_d, static_g)
-    scale = jnp.ones((), wd)
-    if rescale:
-        before = jnp.sum(jnp.abs(delta))
-        after = jnp.sum(jnp.abs(jnp.where(_within(mag, lo, hi), delta, 0)))
-        small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
-        scale = jnp.where(small, 1, before / jnp.where(small, 1, after)).astype(wd)
-    return lo[0], hi[0], scale
+"""The sparsifying methods whose masks are magnitude selections: ``lo ≤ |δ| ≤ hi`` per model
+(:func:`selection_ranks`, :func:`keep_within`)."""
 
 
 def keep_within(base: ArrayLike, tensors: ArrayLike, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
     """The keep masks ``lo_t ≤ |θ_t − θ_base| ≤ hi_t`` (bool, (N, *s)) of ``tensors`` (N, *s),
-    |δ| in the inputs' promoted dtype, for ``lo``/``hi`` (N,) from :func:`selection_bounds`."""
+    |δ| in the inputs' promoted dtype (as mergekit ranks it), for ``lo``/``hi`` (N,): the
+    values of the ranks :func:`selection_ranks` gives, found over the whole tensor (the
+    streaming file merge finds them chunk by chunk and merges each chunk with these masks)."""
     base, tensors = jnp.asarray(base), jnp.asarray(tensors)
     out = _out_dtype(base, tensors)
     wd = compute_dtype(out)
