@@ -246,6 +246,11 @@ def selection_ranks(
       are those of rank in (n_top', n_top' + target], n_top' = n − n_bot − target =
       min(n_top, n − target); a target of 0 keeps nothing, density ≥ 1 everything.
     """
+    if kind not in ("magnitude", "outliers"):
+        raise ValueError(f"selection_ranks: kind must be 'magnitude' or 'outliers'; got {kind!r}.")
+    if kind == "outliers" and (gammas is None or len(gammas) != len(densities)):
+        raise ValueError("selection_ranks: kind='outliers' needs one gamma per density; got "
+                         f"{None if gammas is None else len(gammas)} for {len(densities)}.")
     lo, hi, keep_all, keep_none = [], [], [], []
     for i, d in enumerate(densities):
         if kind == "magnitude":
@@ -359,6 +364,9 @@ def uniforms(key: jax.Array, shape: tuple[int, ...], start: Any = 0) -> jax.Arra
     from jmerge.merges.sparse import _mix32
 
     num, n = shape[0], math.prod(shape[1:])
+    if n >= 2**32:
+        raise ValueError(f"uniforms: fewer than 2^32 entries per model are supported; got "
+                         f"shape {tuple(shape)}.")
     seeds = jax.random.bits(key, (num, 2), jnp.uint32)
     index = jnp.arange(n, dtype=jnp.uint32)[None] + jnp.asarray(start).astype(jnp.uint32)
     h = _mix32(_mix32(index + seeds[:, :1]) ^ seeds[:, 1:])

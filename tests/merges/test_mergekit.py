@@ -514,3 +514,30 @@ def test_masks_and_scales_from_sparsify_task_vector_reproduce_the_merge(method):
     piece = merge_tensor(method, base[rows], ts[:, rows], pm, g, masks=masks[:, rows],
                          scales=scales)
     chex.assert_trees_all_close(piece, whole[rows], atol=1e-7)
+
+
+def test_selection_ranks_and_uniforms_reject_bad_input():
+    from jmerge.merges.mergekit import selection_ranks, uniforms
+
+    with pytest.raises(ValueError, match="kind must be"):
+        selection_ranks("random", 10, [0.5])
+    with pytest.raises(ValueError, match="one gamma per density"):
+        selection_ranks("outliers", 10, [0.5, 0.5], [0.1])
+    with pytest.raises(ValueError, match="2\\^32"):
+        uniforms(jax.random.key(0), (1, 2**16, 2**16))
+
+
+def test_uniforms_of_a_piece_are_the_whole_tensors_draws():
+    """Chunks starting at entry s draw exactly the whole tensor's numbers there (what the
+    streaming DARE merge relies on), in [0, 1), and look uniform (mean, keep rate)."""
+    from jmerge.merges.mergekit import uniforms
+
+    key = jax.random.key(3)
+    whole = np.asarray(uniforms(key, (3, 40, 50)))
+    flat = whole.reshape(3, -1)
+    for start, size in [(0, 700), (700, 1300)]:
+        piece = np.asarray(uniforms(key, (3, size), start))
+        np.testing.assert_array_equal(piece, flat[:, start : start + size])
+    assert whole.min() >= 0 and whole.max() < 1
+    assert abs(whole.mean() - 0.5) < 0.02 and abs((whole < 0.3).mean() - 0.3) < 0.02
+    assert not np.array_equal(flat[0], flat[1])  # models draw independently
