@@ -157,3 +157,30 @@ def test_intermediate_fisher_statistics():
     dom = im._dominant([f_t, f_i], r"head")
     np.testing.assert_allclose(dom, [0.5, 0.5, 0.75, 0.75])
     np.testing.assert_allclose(im._trace_ratio([f_t, f_i], r"head"), 1.6 / 8.0)
+
+
+def test_text_suite_micro_run_end_to_end():
+    """The whole text suite at micro sizes on the machine's own text: corpus, pretraining,
+    fine-tuning, curvatures, every method family, negation, the reports and the claims."""
+    cfg = tx.QUICK._replace(
+        bytes_per_domain=6000, pretrain_steps=20, finetune_steps=5, curv_windows=4,
+        ta_alphas=(0.5,), gm_alphas=(1.0,), mats_curvatures=("diag", "gram", "fisher_mf"),
+        mats_iters=(0, 2), gm_mf_maxiter=2, neg_alphas=(1.0,),
+    )
+    r = tx.run_seed(0, cfg, None, log=lambda s: None)
+    methods = {c.method for c in r.candidates}
+    assert {"average", "task_arith", "ties", "dare", "fisher", "regmean", "gradmatch_diag",
+            "gradmatch_mf", "mats_diag", "mats_gram"} <= methods
+    for c in r.candidates:
+        assert np.isfinite(c.val) and np.isfinite(c.test), c
+        assert len(c.extra["per_domain"]) == len(r.domains)
+    assert len(r.loss_ft) == len(r.loss_pre) == len(r.domains)
+    assert all(np.isfinite(r.loss_ft)) and all(np.isfinite(r.loss_pre))
+    # MaTS with 0 CG iterations returns its initialisation (task arithmetic at the chosen α)
+    m0 = [c for c in r.candidates if c.method == "mats_gram" and c.setting.get("iters") == 0]
+    ta = [c for c in r.candidates if c.method == "task_arith"]
+    assert m0 and ta and m0[0].test == pytest.approx(ta[0].test)
+    text = tx.summarize([r])
+    assert any(line.startswith("task_arith") for line in text.splitlines())
+    assert set(r.negation) == set(r.domains)
+    assert tx.summarize_negation([r]) and len(tx.claims([r])) >= 2
