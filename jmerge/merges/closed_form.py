@@ -38,7 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmerge.merges._common import check_result, normalise, prepare, select, weighted_sum
+from jmerge.merges._common import (
+    check_result,
+    model_sum,
+    normalise,
+    prepare,
+    select,
+    weighted_sum,
+)
 from jmerge.merges._scale import Absolute, resolve
 from jmerge.merges.basic import Models, _keep, _reference, _weights
 from jmerge.tree import LeafFilter, TreeMismatchError, as_stacked, compute_dtype, is_traced, require
@@ -152,15 +159,15 @@ def _fisher_kernel(stacked: PyTree, fishers: PyTree, w: jax.Array, eps: Any) -> 
     s = jnp.zeros((), st)
     for f, ct, size in zip(fs, cts, sizes, strict=True):
         if size:
-            den = jnp.tensordot(wn.astype(ct), f.astype(ct), axes=1)
+            den = model_sum(f.astype(ct), wn)
             s = s + (jnp.mean(den) * (size / n)).astype(st)
     e = _exponent(s)
 
     def leaf(x, f, ct):
         xc, wc, scale = x.astype(ct), wn.astype(ct), _pow2(-e, ct)
         fc = f.astype(ct) * scale  # exact: a power of two
-        den = jnp.tensordot(wc, fc, axes=1)
-        num = jnp.tensordot(wc, fc * xc, axes=1)
+        den = model_sum(fc, wc)  # adds, fused with the scaling (merges._common.model_sum)
+        num = model_sum(fc * xc, wc)
         if isinstance(eps, Absolute):
             thr = jnp.asarray(eps.value, ct) * scale
         else:

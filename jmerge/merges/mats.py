@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jmerge.curvature.operators import CurvatureOperator, Damped, Identity, Scaled
-from jmerge.merges._common import MergeResult, prepare, select, weighted_sum
+from jmerge.merges._common import MergeResult, model_sum, prepare, select, weighted_sum
 from jmerge.merges._scale import Absolute, is_static_zero, resolve
 from jmerge.merges._solve import (
     Curvatures,
@@ -93,10 +93,10 @@ def _initial_point(
         def leaf(a, s, d):
             wl = w.astype(s.dtype)
             dmp = jnp.zeros((), s.dtype) if delta is None or anchor is None else delta
-            num = jnp.tensordot(wl, d * s, axes=1) + dmp.astype(s.dtype) * a
-            den = jnp.tensordot(wl, d, axes=1) + dmp.astype(s.dtype)
+            num = model_sum(d * s, wl) + dmp.astype(s.dtype) * a
+            den = model_sum(d, wl) + dmp.astype(s.dtype)
             ok = den > 0
-            avg = jnp.tensordot(wl, s, axes=1) / jnp.sum(wl)
+            avg = model_sum(s, wl) / jnp.sum(wl)
             return jnp.where(ok, num / jnp.where(ok, den, 1), avg)
 
         return jax.tree_util.tree_map(leaf, anchors, stacked, dstack)
