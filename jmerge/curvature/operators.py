@@ -305,10 +305,10 @@ class BlockGram(CurvatureOperator):
             g = self.grams.get(jax.tree_util.keystr(path))
             shape, dt = jnp.shape(x), jnp.result_type(x)
             if g is None:
-                return _laid_out_like(jnp.full(shape, self.rest, dt), x)
+                return _typed_like(jnp.full(shape, self.rest, dt), x)
             d = _diagonal(g)[:, None]
             d = jnp.broadcast_to(d, (g.shape[0], math.prod(shape) // g.shape[0])).reshape(shape)
-            return _laid_out_like(d.astype(dt), x)
+            return _typed_like(d.astype(dt), x)
 
         return jax.tree_util.tree_map_with_path(leaf, like)
 
@@ -335,8 +335,8 @@ def _diagonal(m: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(eye, m, jnp.zeros_like(m)), axis=axis)
 
 
-def _laid_out_like(out: jax.Array, x: Any) -> jax.Array:
-    """``out`` in ``x``'s layout under an Explicit mesh (a value built from factors or a
+def _typed_like(out: jax.Array, x: Any) -> jax.Array:
+    """``out`` resharded to ``x``'s layout under an Explicit mesh (a value built from factors or a
     constant is typed by them, not by ``x``); unchanged otherwise."""
     layout = explicit_sharding(x)
     return out if layout is None else jax.sharding.reshard(out, layout.spec)
@@ -410,9 +410,9 @@ class KFAC(CurvatureOperator):
         def leaf(path, x):
             f = self.factors.get(jax.tree_util.keystr(path))
             if f is None:
-                return _laid_out_like(jnp.full(jnp.shape(x), self.rest, jnp.result_type(x)), x)
+                return _typed_like(jnp.full(jnp.shape(x), self.rest, jnp.result_type(x)), x)
             a, b = f
-            return _laid_out_like(jnp.outer(_diagonal(a), _diagonal(b)).reshape(jnp.shape(x)), x)
+            return _typed_like(jnp.outer(_diagonal(a), _diagonal(b)).reshape(jnp.shape(x)), x)
 
         return jax.tree_util.tree_map_with_path(leaf, like)
 

@@ -559,6 +559,14 @@ def _chunk_l1(base, model, valid, lo, hi, *, select_dtype):
     return jnp.sum(jnp.where(live, jnp.abs(delta), 0)), jnp.sum(jnp.where(kept, jnp.abs(delta), 0))
 
 
+@jax.jit
+def _pick_digit(hist, k_rem):
+    """:func:`jmerge.merges._select.pick_digit`, compiled (called on host values)."""
+    from jmerge.merges._select import pick_digit
+
+    return pick_digit(hist, k_rem)
+
+
 def _streamed_kth(pieces: Callable, n: int, ks: Sequence[int], select_dtype) -> list[int]:
     """The order keys (ints) of the k-th largest |δ| for each k in ``ks`` over a tensor read
     in chunks (``pieces()`` yields ``(base, model, valid)``, re-read once per radix pass):
@@ -567,9 +575,12 @@ def _streamed_kth(pieces: Callable, n: int, ks: Sequence[int], select_dtype) -> 
     selection holds one chunk, not the tensor."""
     from jmerge.merges._select import _digits
 
+    if n >= 2**31:
+        raise ValueError(f"a magnitude selection over {n} >= 2^31 entries per model needs "
+                         "64-bit counts; tensors that large are not supported.")
     key_bits = np.dtype(select_dtype).itemsize * 8
     prefixes = [0] * len(ks)
-    k_rem = list(ks)
+    k_rem = np.asarray(ks, np.int32)
     decided = 0
     for width in _digits(key_bits, n):
         shift = key_bits - decided - width
@@ -580,14 +591,10 @@ def _streamed_kth(pieces: Callable, n: int, ks: Sequence[int], select_dtype) -> 
             h = _chunk_histogram(base, model, valid, pre, shift=shift, width=width,
                                  filtered=decided > 0, select_dtype=select_dtype)
             hist = h if hist is None else hist + h
-        hist = np.asarray(hist, np.int64)
-        if decided == 0:
-            hist = np.repeat(hist, len(ks), axis=0)
-        for j in range(len(ks)):
-            at_least = np.cumsum(hist[j][::-1])[::-1]  # entries with digit >= d
-            d = int(np.nonzero(at_least >= k_rem[j])[0][-1])
-            k_rem[j] -= int(at_least[d] - hist[j][d])
-            prefixes[j] = (prefixes[j] << width) | d
+        if decided == 0:  # one histogram serves every k
+            hist = np.repeat(np.asarray(hist), len(ks), axis=0)
+        digits, k_rem = _pick_digit(hist, np.asarray(k_rem, hist.dtype))
+        prefixes = [(p << width) | int(d) for p, d in zip(prefixes, digits, strict=True)]
         decided += width
     return prefixes
 
@@ -595,10 +602,11 @@ def _streamed_kth(pieces: Callable, n: int, ks: Sequence[int], select_dtype) -> 
 def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
     """Each model's magnitude-selection bounds ((N,) lo, (N,) hi) and L1 factors (N,),
     computed over the whole tensor from chunks, one model at a time
-    (:func:`_streamed_kth`): two numbers per model replace its mask, and no whole-tensor
-    buffer is allocated."""
+    (:func:`_streamed_kth`; the bounds from the ranks as the in-memory merge takes them,
+    ``mergekit._bounds_from_ranks``): two numbers per model replace its mask, and no
+    whole-tensor buffer is allocated."""
     from jmerge.merges._select import _from_key
-    from jmerge.merges.mergekit import _GTA_KIND, _RESCALE_EPS, METHODS, selection_ranks
+    from jmerge.merges.mergekit import _GTA_KIND, METHODS, _bounds_from_ranks, selection_ranks
 
     method = config.merge_method
     spec, kind = METHODS[method], _GTA_KIND[method]
@@ -615,44 +623,48 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
         default = spec.per_model[name].default if name in spec.per_model else 0.0
         return float(np.asarray(params.per_model.get(name, [default] * len(config.stack))[i]))
 
-    los, his, scales = [], [], []
+    def pieces(ref):
+        for start in range(0, n, size):
+            yield piece(config.base, start), piece(ref, start), min(size, n - start)
+
+    models = range(len(config.stack))
+    densities = [per_model("density", i) for i in models]
+    gammas = [per_model("gamma", i) if kind == "outliers" else 0.0 for i in models]
+    ranks = selection_ranks(kind, n, densities, gammas)
+    key_dtype = np.dtype(f"uint{8 * select_dtype.itemsize}")
+    keys = []  # per model: {rank: order key of the value of that rank}
     for i, ref in enumerate(config.stack):
-        def pieces(ref=ref):
-            for start in range(0, n, size):
-                yield piece(config.base, start), piece(ref, start), min(size, n - start)
+        wanted = sorted({k for k in (ranks[0][i], ranks[1][i]) if k is not None})
+        found = _streamed_kth(lambda ref=ref: pieces(ref), n, wanted, select_dtype)
+        keys.append(dict(zip(wanted, found, strict=True)))
 
-        d = per_model("density", i)
-        g = per_model("gamma", i) if kind == "outliers" else 0.0
-        lo_k, hi_k, keep_all, keep_none = selection_ranks(kind, n, [d], [g])
-        wanted = sorted({k for k in (lo_k[0], hi_k[0]) if k is not None})
-        keys = dict(zip(wanted, _streamed_kth(pieces, n, wanted, select_dtype), strict=True))
-        key_dtype = np.dtype(f"uint{8 * select_dtype.itemsize}")
+    def kth(ks):  # per model, the value of rank ks[i] (0 where None)
+        return np.stack([
+            np.zeros((), select_dtype) if k is None
+            else np.asarray(_from_key(jnp.asarray(np.array(keys[i][k], key_dtype)), select_dtype))
+            for i, k in enumerate(ks)
+        ])
 
-        def value(k, keys=keys, key_dtype=key_dtype):
-            if k is None:
-                return np.zeros((), select_dtype)
-            return np.asarray(_from_key(jnp.asarray(np.array(keys[k], key_dtype)), select_dtype))
-
-        inf = np.asarray(np.inf, select_dtype)
-        lo, hi = value(lo_k[0]), (inf if hi_k[0] is None else value(hi_k[0]))
-        if keep_all[0]:
-            lo, hi = np.zeros((), select_dtype), inf
-        if keep_none[0]:
-            lo, hi = inf, inf
-        scale = 1.0
-        if rescale:
-            before = after = 0.0
-            for b, m, valid in pieces():
-                s0, s1 = _chunk_l1(b, m, valid, lo, hi, select_dtype=select_dtype)
-                before, after = before + float(s0), after + float(s1)
-            small = before < _RESCALE_EPS or after < _RESCALE_EPS
-            scale = 1.0 if small else before / after
-        los.append(lo)
-        his.append(hi)
-        scales.append(scale)
+    lo, hi = _bounds_from_ranks(ranks, kth, select_dtype, xp=np)
     wd = np.promote_types(select_dtype, np.float32)
-    bounds = (jnp.asarray(np.stack(los)), jnp.asarray(np.stack(his)))
-    return bounds, jnp.asarray(np.array(scales, wd))
+    if not rescale:
+        return (lo, hi), jnp.ones(len(config.stack), wd)
+    before, after = np.zeros(len(config.stack)), np.zeros(len(config.stack))
+    for i, ref in enumerate(config.stack):
+        for b, m, valid in pieces(ref):
+            s0, s1 = _chunk_l1(b, m, valid, lo[i], hi[i], select_dtype=select_dtype)
+            before[i] += float(s0)
+            after[i] += float(s1)
+    return (lo, hi), jnp.asarray(_l1_factors(before, after).astype(wd))
+
+
+def _l1_factors(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """mergekit's L1 rescale factors ‖δ‖₁ / ‖m ⊙ δ‖₁ (sparsify.rescaled_masked_tensor),
+    1 where either norm is below its eps, from sums accumulated over chunks (float64)."""
+    from jmerge.merges.mergekit import _RESCALE_EPS
+
+    small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
+    return np.where(small, 1.0, before / np.where(small, 1.0, after))
 
 
 _HASHED = frozenset({"dare_linear", "dare_ties"})
@@ -677,7 +689,7 @@ def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, 
     """DARE's L1 rescale factors ‖δ_t‖₁ / ‖m_t ⊙ δ_t‖₁ (mergekit
     sparsify.rescaled_masked_tensor) over the whole tensor, from one pass over its chunks;
     None when the method does not rescale."""
-    from jmerge.merges.mergekit import _RESCALE_EPS, METHODS
+    from jmerge.merges.mergekit import METHODS
 
     spec = METHODS[config.merge_method]
     if not bool(params.global_.get("rescale", spec.global_["rescale"].default)):
@@ -695,9 +707,8 @@ def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, 
                                   min(size, n - start), density, key, start)
         before += np.asarray(s0, np.float64)
         after += np.asarray(s1, np.float64)
-    small = (before < _RESCALE_EPS) | (after < _RESCALE_EPS)
     wd = np.promote_types(np.result_type(*(flat[r].dtype for r in config.inputs)), np.float32)
-    return jnp.asarray(np.where(small, 1.0, before / np.where(small, 1.0, after)).astype(wd))
+    return jnp.asarray(_l1_factors(before, after).astype(wd))
 
 
 def _sparsify(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, seed: int):

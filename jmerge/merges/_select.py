@@ -124,6 +124,19 @@ def _histogram(digit: jax.Array, bins: int, batch_ndim: int) -> jax.Array:
     return one(digit)
 
 
+def pick_digit(hist: jax.Array, k_rem: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One radix-select step: from the counts ``hist`` (..., bins) of the next digit among
+    the entries that share the digits decided so far, the digit d of the ``k_rem``-th largest
+    (...,) of them and its rank among the entries with digit d. Shared by
+    :func:`kth_largest_over` and the streaming file merge (which sums ``hist`` over chunks)."""
+    # at_least[j] = number of entries (with this prefix) whose digit is >= j.
+    at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
+    d = jnp.sum(at_least >= k_rem[..., None], axis=-1) - 1  # largest j with at_least >= k
+    at_d = jnp.take_along_axis(at_least, d[..., None], -1)[..., 0]
+    in_d = jnp.take_along_axis(hist, d[..., None], -1)[..., 0]
+    return d, k_rem - (at_d - in_d)
+
+
 def kth_largest_over(leaves: Sequence[jax.Array], k: int, *, batch_ndim: int) -> jax.Array:
     """The k-th largest entry over all trailing-axis entries of several arrays together.
 
@@ -187,12 +200,7 @@ def kth_largest_over(leaves: Sequence[jax.Array], k: int, *, batch_ndim: int) ->
                 same = (key >> np.array(shift + width, kd)) == prefix[expand]
                 digit = jnp.where(same, digit, bins)
             hist = hist + _histogram(digit, bins, batch_ndim).astype(count_dtype)
-        # at_least[j] = number of entries (with this prefix) whose digit is >= j.
-        at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
-        d = jnp.sum(at_least >= k_rem[..., None], axis=-1) - 1  # largest j with at_least >= k
-        at_d = jnp.take_along_axis(at_least, d[..., None], -1)[..., 0]
-        in_d = jnp.take_along_axis(hist, d[..., None], -1)[..., 0]
-        k_rem = k_rem - (at_d - in_d)
+        d, k_rem = pick_digit(hist, k_rem)
         prefix = (prefix << np.array(width, kd)) | d.astype(kd)
         decided += width
     return _from_key(prefix, dtype)

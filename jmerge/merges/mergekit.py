@@ -269,17 +269,18 @@ def selection_ranks(
     return tuple(lo), tuple(hi), tuple(keep_all), tuple(keep_none)
 
 
-def _bounds_from_ranks(ranks, kth: Callable, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def _bounds_from_ranks(ranks, kth: Callable, dtype: Any, xp: Any = jnp) -> tuple[Any, Any]:
     """(lo, hi), each (N,) of ``dtype``, from :func:`selection_ranks` and ``kth(ks)``, the
-    per-model values of descending ranks ``ks`` (0 where a rank is None)."""
+    per-model values of descending ranks ``ks`` (0 where a rank is None). ``xp``: ``jnp``
+    (traced, in memory) or ``np`` (host values, the streaming file merge)."""
     lo_ks, hi_ks, keep_all, keep_none = ranks
-    inf = jnp.asarray(jnp.inf, dtype)
-    lo = jnp.asarray(kth(lo_ks), dtype)
-    hi = jnp.where(jnp.asarray([k is None for k in hi_ks]), inf, jnp.asarray(kth(hi_ks), dtype))
-    lo = jnp.where(jnp.asarray(keep_all), jnp.zeros((), dtype), lo)
-    hi = jnp.where(jnp.asarray(keep_all), inf, hi)
-    lo = jnp.where(jnp.asarray(keep_none), inf, lo)
-    hi = jnp.where(jnp.asarray(keep_none), inf, hi)
+    inf = xp.asarray(np.inf, dtype)
+    lo = xp.asarray(kth(lo_ks), dtype)
+    hi = xp.where(xp.asarray([k is None for k in hi_ks]), inf, xp.asarray(kth(hi_ks), dtype))
+    lo = xp.where(xp.asarray(keep_all), xp.zeros((), dtype), lo)
+    hi = xp.where(xp.asarray(keep_all), inf, hi)
+    lo = xp.where(xp.asarray(keep_none), inf, lo)
+    hi = xp.where(xp.asarray(keep_none), inf, hi)
     return lo.astype(dtype), hi.astype(dtype)
 
 
