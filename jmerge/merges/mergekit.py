@@ -1296,8 +1296,20 @@ def keep_within(base: ArrayLike, tensors: ArrayLike, lo: ArrayLike, hi: ArrayLik
     """The keep masks ``lo_t ≤ |θ_t − θ_base| ≤ hi_t`` (bool, (N, *s)) of ``tensors`` (N, *s),
     |δ| in the inputs' promoted dtype (as mergekit ranks it), for ``lo``/``hi`` (N,): the
     values of the ranks :func:`selection_ranks` gives, found over the whole tensor (the
-    streaming file merge finds them chunk by chunk and merges each chunk with these masks)."""
+    streaming file merge finds them chunk by chunk and merges each chunk with these masks).
+
+    Raises:
+      ValueError: ``base`` is not shaped like one model of ``tensors``, or ``lo`` / ``hi``
+        are not one value per model.
+    """
     base, tensors = jnp.asarray(base), jnp.asarray(tensors)
+    if tensors.ndim < 1 or base.shape != tensors.shape[1:]:
+        raise ValueError(f"keep_within: base must have shape tensors.shape[1:] = "
+                         f"{tuple(tensors.shape[1:])}; got {tuple(base.shape)}.")
+    for name, b in (("lo", lo), ("hi", hi)):
+        if jnp.shape(b) != tensors.shape[:1]:
+            raise ValueError(f"keep_within: {name} must have one value per model, shape "
+                             f"{tuple(tensors.shape[:1])}; got {tuple(jnp.shape(b))}.")
     out = _out_dtype(base, tensors)
     wd = compute_dtype(out)
     mag = _magnitudes(tensors.astype(wd) - base.astype(wd), out)

@@ -541,3 +541,22 @@ def test_uniforms_of_a_piece_are_the_whole_tensors_draws():
     assert whole.min() >= 0 and whole.max() < 1
     assert abs(whole.mean() - 0.5) < 0.02 and abs((whole < 0.3).mean() - 0.3) < 0.02
     assert not np.array_equal(flat[0], flat[1])  # models draw independently
+
+
+def test_keep_within_equals_top_k_selection_and_rejects_bad_shapes():
+    """keep_within with the k-th largest |δ| as ``lo`` keeps exactly TIES's top-k mask."""
+    from jmerge.merges.mergekit import keep_within
+
+    r = np.random.default_rng(1)
+    base = jnp.asarray(r.normal(size=(6, 7)), jnp.float32)
+    tensors = base + jnp.asarray(r.normal(size=(2, 6, 7)), jnp.float32)
+    mag = np.abs(np.asarray(tensors - base)).reshape(2, -1)
+    k = 10
+    lo = np.sort(mag, axis=1)[:, -k]
+    keep = np.asarray(keep_within(base, tensors, lo, np.full(2, np.inf, np.float32)))
+    np.testing.assert_array_equal(keep.reshape(2, -1), mag >= lo[:, None])
+    assert (keep.reshape(2, -1).sum(1) == k).all()
+    with pytest.raises(ValueError, match="base must have shape"):
+        keep_within(base[0], tensors, lo, lo)
+    with pytest.raises(ValueError, match="one value per model"):
+        keep_within(base, tensors, lo[:1], lo)
