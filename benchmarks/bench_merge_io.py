@@ -155,6 +155,9 @@ def main(argv=None) -> None:
     ap.add_argument("--mergekit", default=None, help="path of mergekit-yaml")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--no-orbax", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each tool per method, alternating; the median is reported "
+                         "(the first write into fresh page cache is often the slowest)")
     args = ap.parse_args(argv)
 
     if args.quick:
@@ -183,15 +186,28 @@ def main(argv=None) -> None:
             out_j = tmp / f"jmerge_{method}"
             cmd = [sys.executable, "-m", "jmerge.cli", "merge", str(cfg), "-o", str(out_j),
                    "--no-progress"]
-            js, jmem, _ = run_measured(cmd)
+            out_m = tmp / f"mergekit_{method}"
+            runs_j, runs_m = [], []
+            for _ in range(args.repeats):  # alternate the tools, so drift hits both alike
+                shutil.rmtree(out_j, ignore_errors=True)
+                runs_j.append(run_measured(cmd)[:2])
+                if mk:
+                    shutil.rmtree(out_m, ignore_errors=True)
+                    runs_m.append(
+                        run_measured([mk, str(cfg), str(out_m), "--copy-tokenizer"])[:2]
+                    )
+            js, jmem = float(np.median([s for s, _ in runs_j])), max(m for _, m in runs_j)
             row = {"method": method, "jmerge_s": js, "jmerge_anon_MB": jmem / 1e6,
                    "copy_ratio": copy_s / js}
+            if args.repeats > 1:
+                row["jmerge_runs_s"] = [round(s, 2) for s, _ in runs_j]
             if mk:
-                out_m = tmp / f"mergekit_{method}"
-                ms, mmem, _ = run_measured([mk, str(cfg), str(out_m), "--copy-tokenizer"])
+                ms, mmem = float(np.median([s for s, _ in runs_m])), max(m for _, m in runs_m)
                 worst, share = compare(out_m, out_j)
                 row.update(mergekit_s=ms, mergekit_anon_MB=mmem / 1e6, speedup=ms / js,
                            max_rel_diff=worst, differing=share)
+                if args.repeats > 1:
+                    row["mergekit_runs_s"] = [round(s, 2) for s, _ in runs_m]
                 shutil.rmtree(out_m, ignore_errors=True)
             shutil.rmtree(out_j, ignore_errors=True)
             rows.append(row)

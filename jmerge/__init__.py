@@ -5,30 +5,66 @@ Every merge is a (weighted) least-squares solve,
 and, where no closed form exists, the matrix-free conjugate-gradient solver :func:`cg`.
 """
 
-from jmerge import curvature, io, merges, sharding, solvers, tree
-from jmerge.curvature import fisher_diag, fisher_vp, ggn_vp, hvp
-from jmerge.merges import (
-    SOLVER_CG,
-    SOLVER_CLOSED_FORM,
-    SOLVER_NAMES,
-    Absolute,
-    MergeInfo,
-    MergeResult,
-    absolute,
-    average,
-    dare,
-    dare_ties,
-    fisher_merge,
-    gradient_matching,
-    mats,
-    negation,
-    regmean,
-    task_arithmetic,
-    ties,
-)
-from jmerge.solvers import CGResult, cg
+from typing import TYPE_CHECKING
+
+from jmerge._lazy import attach
 
 __version__ = "0.1.0"
+
+# Where each public name lives; imported on first use (jmerge._lazy).
+_WHERE = {
+    **{m: "" for m in ("curvature", "io", "merges", "sharding", "solvers", "tree")},
+    **{f: "curvature" for f in ("fisher_diag", "fisher_vp", "ggn_vp", "hvp")},
+    **{
+        n: "merges"
+        for n in (
+            "SOLVER_CG",
+            "SOLVER_CLOSED_FORM",
+            "SOLVER_NAMES",
+            "Absolute",
+            "MergeInfo",
+            "MergeResult",
+            "absolute",
+            "average",
+            "dare",
+            "dare_ties",
+            "fisher_merge",
+            "gradient_matching",
+            "mats",
+            "negation",
+            "regmean",
+            "task_arithmetic",
+            "ties",
+        )
+    },
+    "CGResult": "solvers",
+    "cg": "solvers",
+}
+__getattr__, __dir__ = attach(__name__, _WHERE)
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from jmerge import curvature, io, merges, sharding, solvers, tree
+    from jmerge.curvature import fisher_diag, fisher_vp, ggn_vp, hvp
+    from jmerge.merges import (
+        SOLVER_CG,
+        SOLVER_CLOSED_FORM,
+        SOLVER_NAMES,
+        Absolute,
+        MergeInfo,
+        MergeResult,
+        absolute,
+        average,
+        dare,
+        dare_ties,
+        fisher_merge,
+        gradient_matching,
+        mats,
+        negation,
+        regmean,
+        task_arithmetic,
+        ties,
+    )
+    from jmerge.solvers import CGResult, cg
 
 __all__ = [
     "curvature",

@@ -14,29 +14,60 @@ Every write is atomic (:mod:`jmerge.io._atomic`): a killed process or a full dis
 previous output or nothing under the final name, never a half-written file.
 """
 
-from jmerge.io._atomic import remove_stale
-from jmerge.io.curvature_files import (
-    CURVATURE_KINDS,
-    SavedCurvature,
-    compute_and_save_curvature,
-    curvature_path,
-    load_curvature,
-    save_curvature,
-)
-from jmerge.io.orbax import restore_orbax, save_orbax
-from jmerge.io.safetensors import (
-    DTYPES,
-    INDEX_NAME,
-    WEIGHTS_NAME,
-    CheckpointError,
-    SafetensorsCheckpoint,
-    ShardedWriter,
-    flatten,
-    load_safetensors,
-    parse_size,
-    save_safetensors,
-    unflatten,
-)
+
+from typing import TYPE_CHECKING
+
+from jmerge._lazy import attach
+
+# Where each public name lives; imported on first use (jmerge._lazy).
+_WHERE = {
+    "remove_stale": "_atomic",
+    "CURVATURE_KINDS": "curvature_files",
+    "SavedCurvature": "curvature_files",
+    "compute_and_save_curvature": "curvature_files",
+    "curvature_path": "curvature_files",
+    "load_curvature": "curvature_files",
+    "save_curvature": "curvature_files",
+    "restore_orbax": "orbax",
+    "save_orbax": "orbax",
+    "DTYPES": "safetensors",
+    "INDEX_NAME": "safetensors",
+    "WEIGHTS_NAME": "safetensors",
+    "CheckpointError": "safetensors",
+    "SafetensorsCheckpoint": "safetensors",
+    "ShardedWriter": "safetensors",
+    "flatten": "safetensors",
+    "load_safetensors": "safetensors",
+    "parse_size": "safetensors",
+    "save_safetensors": "safetensors",
+    "unflatten": "safetensors",
+}
+__getattr__, __dir__ = attach(__name__, _WHERE)
+
+if TYPE_CHECKING:
+    from jmerge.io._atomic import remove_stale
+    from jmerge.io.curvature_files import (
+        CURVATURE_KINDS,
+        SavedCurvature,
+        compute_and_save_curvature,
+        curvature_path,
+        load_curvature,
+        save_curvature,
+    )
+    from jmerge.io.orbax import restore_orbax, save_orbax
+    from jmerge.io.safetensors import (
+        DTYPES,
+        INDEX_NAME,
+        WEIGHTS_NAME,
+        CheckpointError,
+        SafetensorsCheckpoint,
+        ShardedWriter,
+        flatten,
+        load_safetensors,
+        parse_size,
+        save_safetensors,
+        unflatten,
+    )
 
 __all__ = [
     "flatten",
