@@ -702,6 +702,13 @@ def _header_bytes(layout: Sequence[tuple[_Spec, int]], metadata: Mapping[str, st
     return len(raw).to_bytes(8, "little") + raw
 
 
+def _close_quietly(f: IO[bytes]) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass  # the file is being discarded; the first error is the one reported
+
+
 class _Shard:
     """One file whose tensors are known in advance: the header goes first, each tensor is
     written straight to its place (in any order). Tensors are laid out by decreasing dtype
@@ -751,9 +758,11 @@ class _Shard:
         self.f = None
 
     def close_quietly(self) -> None:
+        """Close without raising: closing flushes the buffer, which fails again on a full disk
+        and would hide the error that named the file and tensor."""
         if self.f is not None:
-            self.f.close()
-            self.f = None
+            f, self.f = self.f, None
+            _close_quietly(f)
 
 
 def _split(specs: Sequence[_Spec], max_bytes: int) -> list[list[_Spec]]:
@@ -1003,8 +1012,8 @@ class ShardedWriter:
         for sh in self._shards:
             sh.close_quietly()
         if self._specs is None and self._data is not None:
-            self._data.close()
-            self._data = None
+            data, self._data = self._data, None
+            _close_quietly(data)
         self._stage.abort()
         self._done = True
 

@@ -351,6 +351,30 @@ def test_cli_merge_prints_summary(family, tmp_path, capsys):
     assert "task_arithmetic" in text and SafetensorsCheckpoint(tmp_path / "out").names
 
 
+def test_full_disk_during_merge_keeps_previous_output(family, tmp_path):
+    """Tensors are written by a background thread while the next one merges: a write error
+    there (a file-size limit standing in for a full disk) still stops the merge with an error
+    naming the file, and the previous output stays as it was, with no temporaries left."""
+    root, base, fts = family
+    cfg = _write(tmp_path / "ta.yaml", _ta(base, fts))
+    out = tmp_path / "out"
+    assert cli_main(["merge", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = 64 * 1024  # bytes per file: the shards are up to 150 KB
+    code = (
+        "import resource, signal, sys; from jmerge.cli import main; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        f"sys.exit(main(['merge', {str(cfg)!r}, '-o', {str(out)!r}, '--no-progress']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert "file size limit" in proc.stderr and str(out) in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
 def test_cli_errors_exit_2_and_write_nothing(family, tmp_path, capsys):
     root, base, fts = family
     cfg = _write(tmp_path / "bad.yaml", _ta(base, fts) | {"merge_method": "tie"})
