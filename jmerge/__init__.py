@@ -32,6 +32,7 @@ _WHERE = {
             "gradient_matching",
             "mats",
             "negation",
+            "output_matching",
             "regmean",
             "task_arithmetic",
             "ties",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         gradient_matching,
         mats,
         negation,
+        output_matching,
         regmean,
         task_arithmetic,
         ties,
@@ -96,4 +98,5 @@ __all__ = [
     "regmean",
     "mats",
     "gradient_matching",
+    "output_matching",
 ]

@@ -49,6 +49,32 @@ def test_param_layout_has_backbone_and_head():
         assert logits.shape == (5, 10)
 
 
+def test_head_only_training_is_a_linear_probe():
+    """``head_only`` moves the head and nothing else, and lowers the task loss; the
+    multitask fit starts its heads from the given probes."""
+    model = digits.make_model("mlp")
+    params = digits.init_params(model, seed=1)
+    data = digits.load_data()
+    x, y = data.x_train[:256], (data.y_train[:256] % 2).astype(np.int32)
+    probe = digits.train(model, params, x, y, steps=60, lr=1e-2, progress=False, head_only=True)
+    chex.assert_trees_all_equal(probe["params"]["backbone"], params["params"]["backbone"])
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), probe, params)
+    assert min(jax.tree.leaves(moved["params"]["head"])) > 0
+    assert digits.accuracy(model, probe, x, y) > digits.accuracy(model, params, x, y) + 0.2
+    full = digits.train(model, params, x, y, steps=5, lr=1e-2, progress=False)
+    assert max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(np.max(np.abs(a - b))), full, params)["params"]["backbone"])) > 0
+    heads = [probe["params"]["head"], params["params"]["head"]]
+    _, got = digits.fit_multitask(
+        model, params, np.stack([x, x]), np.stack([y, y]), steps=1, lr=0.0, progress=False,
+        heads=heads,
+    )
+    chex.assert_trees_all_close(got, heads)
+    with pytest.raises(ValueError, match="expected 2"):
+        digits.fit_multitask(model, params, np.stack([x, x]), np.stack([y, y]), steps=1,
+                             progress=False, heads=heads[:1])
+
+
 def test_finetuning_beats_pretrained_on_most_views(bench):
     margin = 0.2
     gains = {t: bench.finetuned_acc[t] - bench.pretrained_acc[t] for t in bench.tasks}

@@ -173,16 +173,18 @@ def load_splits(seed: int) -> dict[str, Split]:
     }
 
 
-def pretrain_mixture(splits: dict[str, Split], tasks: Sequence[str], seed: int):
+def pretrain_mixture(
+    splits: dict[str, Split], tasks: Sequence[str], seed: int, task_views: bool = True
+):
     """θ0's data: every plain image of train and pool with its digit, plus, for each of the
-    views in :data:`MIX_VIEWS` and each input task's view, ``MIX_SHARE`` of the pool images
-    (the pool is never a task's training data)."""
+    views in :data:`MIX_VIEWS` and (with ``task_views``) each input task's view,
+    ``MIX_SHARE`` of the pool images (the pool is never a task's training data)."""
     rng = np.random.default_rng([seed, 7])
     tr, pool = splits["train"], splits["pool"]
     xs, ys = [tr.x, pool.x], [tr.y, pool.y]
     k = int(MIX_SHARE * pool.x.shape[0])
     views = list(MIX_VIEWS.values()) + [
-        functools.partial(dx.view, t) for t in tasks if t not in LABEL_TASKS
+        functools.partial(dx.view, t) for t in tasks if task_views and t not in LABEL_TASKS
     ]
     for f in views:
         idx = rng.permutation(pool.x.shape[0])[:k]
@@ -218,6 +220,18 @@ class Config(NamedTuple):
     ties: tuple[tuple[float, float], ...]
     dare: tuple[tuple[float, float], ...]
     regmean_alphas: tuple[float, ...]
+    #: "full": θ_t fine-tunes every parameter from θ0 (with θ0's head); "lp-ft": a linear
+    #: probe of θ0's features first (head only, ``finetune_steps`` at 10× ``finetune_lr``),
+    #: then every parameter from (θ0's backbone, the probe) — Kumar et al., ICLR 2022. The
+    #: multitask model starts from the same probes.
+    finetune: str = "full"
+    #: Whether θ0's pretraining mixture has a share of each input task's view (pool images,
+    #: never the tasks' training images); False: only the other views of MIX_VIEWS.
+    pretrain_task_views: bool = True
+    #: Output matching (jmerge.output_matching, the KL objective itself): Gauss-Newton steps,
+    #: and Adam (lr 1e-3) steps on the same objective, each from the closed-form Fisher init.
+    om_steps: tuple[int, ...] = (5, 10, 20, 40)
+    om_adam_steps: tuple[int, ...] = (250, 500, 1000, 2000)
 
 
 _ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
@@ -271,6 +285,8 @@ QUICK = Config(
     ties=((0.2, 0.75), (0.5, 1.0)),
     dare=((0.5, 0.3),),
     regmean_alphas=(0.9, 1.0),
+    om_steps=(5, 10, 20),
+    om_adam_steps=(250, 500, 1000),
 )
 
 
@@ -285,6 +301,8 @@ _TRAINING_FIELDS = (
     "finetune_steps",
     "finetune_lr",
     "multitask_steps",
+    "finetune",
+    "pretrain_task_views",
 )
 
 
@@ -302,6 +320,9 @@ def _cache_key(backbone: str, seed: int, cfg: Config) -> str:
             sorted(MIX_VIEWS),
             "v1",
         ]
+        # caches from before the protocol option keep their keys
+        + ([cfg.finetune] if cfg.finetune != "full" else [])
+        + ([] if cfg.pretrain_task_views else ["no-task-views"])
     )
     return f"{backbone}-s{seed}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
 
@@ -361,7 +382,7 @@ def train_all(
             ),
             True,
         )
-    xm, ym = pretrain_mixture(sp, cfg.tasks, seed)
+    xm, ym = pretrain_mixture(sp, cfg.tasks, seed, cfg.pretrain_task_views)
     theta0 = dx.train(
         model,
         init,
@@ -374,13 +395,36 @@ def train_all(
         progress=progress,
         desc="pretrain (mixture)",
     )
+    if cfg.finetune not in ("full", "lp-ft"):
+        raise ValueError(f"finetune: expected 'full' or 'lp-ft'; got {cfg.finetune!r}.")
+    starts = []  # θ_t's starting point: θ0, or θ0 with a linear probe as its head
+    for i, task in enumerate(cfg.tasks):
+        if cfg.finetune == "full":
+            starts.append(theta0)
+            continue
+        x, y = task_xy(task, *sp["train"])
+        starts.append(
+            dx.train(
+                model,
+                theta0,
+                x,
+                y,
+                steps=cfg.finetune_steps,
+                lr=10 * cfg.finetune_lr,
+                batch_size=64,
+                seed=seed * 1000 + 511 + i,
+                progress=progress,
+                desc=f"probe {task}",
+                head_only=True,
+            )
+        )
     finetuned = []
     for i, task in enumerate(cfg.tasks):
         x, y = task_xy(task, *sp["train"])
         finetuned.append(
             dx.train(
                 model,
-                theta0,
+                starts[i],
                 x,
                 y,
                 steps=cfg.finetune_steps,
@@ -402,6 +446,7 @@ def train_all(
         batch_size=64,
         seed=seed,
         progress=progress,
+        heads=[p["params"]["head"] for p in starts],
     )
     trained = Trained(theta0, finetuned, mt)
     if path is not None:
@@ -543,7 +588,7 @@ def compute_curvatures(
             out["ggn_mf"].append(jc.MatrixFree(op.mv_fn, diag_tree=f, operands=op.operands))
         if "diag" in kinds:
             out["diag"].append(jc.Diagonal(f))
-    xm, _ = pretrain_mixture(load_splits(b.seed), b.cfg.tasks, b.seed)
+    xm, _ = pretrain_mixture(load_splits(b.seed), b.cfg.tasks, b.seed, b.cfg.pretrain_task_views)
     idx = np.random.default_rng([b.seed, 5]).permutation(xm.shape[0])[: 2 * n]
     f0 = jc.fisher_diag(
         logits,
@@ -612,8 +657,11 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
         va, te, per = b.score(params)
         extra = {"per_task": per, "params": params}
         info = getattr(result, "info", None)
-        if info is not None:
+        if info is not None and hasattr(info, "num_steps"):
             extra["cg_steps"] = int(info.num_steps)
+        if info is not None and hasattr(info, "cg_steps"):  # output matching
+            extra["cg_steps"] = int(info.cg_steps)
+            extra["objective"] = float(info.objective)
         out.append(Candidate(method, setting, va, te, extra))
         return params
 
@@ -784,6 +832,33 @@ def run_methods(b: Bench, curv: Curv, progress: bool) -> list[Candidate]:
                             mats_step, f"mats_{kind}{suffix}", fns[k], ops, init, damp, k
                         )
                         steps.append(("mats", step))
+
+    # Output matching: Σ_t KL(p_θt ‖ p_θ) on the curvature inputs (no labels) minimised
+    # itself rather than its quadratic model, from the closed-form Fisher merge; Gauss-Newton
+    # (jmerge's default solver) and Adam on the same objective, each run for each step count.
+    logits = dx.LogitsFn(b.model)
+
+    def om_fn(k: int, solver: Any):
+        return jax.jit(
+            lambda p, f, xs, init: jmerge.output_matching(
+                logits, p, f, xs, init=init, exclude=HEAD, steps=k, solver=solver
+            )
+        )
+
+    for name, solver, grid in (
+        ("output_match", "gauss_newton", cfg.om_steps),
+        ("output_match_adam", optax.adam(1e-3), cfg.om_adam_steps),
+    ):
+        for k in grid:
+            fn = om_fn(k, solver)
+            steps.append(
+                (
+                    "output_matching",
+                    lambda name=name, k=k, fn=fn: add(
+                        name, {"steps": k}, fn(p0, ft, list(curv.inputs), init_of("fisher"))
+                    ),
+                )
+            )
 
     bar = tqdm(steps, desc="merge", disable=not progress, leave=False)
     for name, fn in bar:
@@ -1061,6 +1136,15 @@ def claims(results: Sequence[SeedResult]) -> list[str]:
             f"(b) MaTS with CG ({m}) {cg[m]:.3f} vs Fisher merging {chosen('fisher'):.3f}: "
             f"{beats(m, 'fisher')}; vs RegMean {chosen('regmean'):.3f}: {beats(m, 'regmean')}"
         )
+    if "output_match" in bests[0]:
+        quad = {m: chosen(m) for m in bests[0] if m.startswith(("mats_", "regmean", "fisher"))}
+        best_quad = max(quad, key=quad.get)
+        lines.append(
+            f"(c) output matching (Gauss-Newton on the KL) {chosen('output_match'):.3f} vs the "
+            f"best quadratic-model merge ({best_quad}) {quad[best_quad]:.3f}: "
+            f"{beats('output_match', best_quad)}; vs Adam on the same objective "
+            f"{chosen('output_match_adam'):.3f}: {beats('output_match', 'output_match_adam')}"
+        )
     merges = {m: chosen(m) for m in bests[0]}
     top = max(merges, key=merges.get)
     mt = float(np.mean([r.refs["multitask"][1] for r in results]))
@@ -1100,12 +1184,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("JMERGE_CACHE", str(Path.home() / ".cache" / "jmerge" / "quality")),
         help="orbax checkpoint cache ('' disables)",
     )
+    parser.add_argument(
+        "--finetune",
+        choices=("full", "lp-ft"),
+        default="full",
+        help="how θ_t is fine-tuned: every parameter from θ0 and its head (full), or a linear "
+        "probe first (lp-ft, Kumar et al. 2022); outputs get the suffix _lpft",
+    )
+    parser.add_argument(
+        "--no-task-views",
+        action="store_true",
+        help="pretrain θ0 without the input tasks' views (only the other views of the "
+        "mixture); outputs get the suffix _notv",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", default=str(RESULTS), help="folder for PNG and JSON outputs")
     parser.add_argument("--markdown", action="store_true", help="markdown tables")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else FULL
+    cfg = (QUICK if args.quick else FULL)._replace(
+        finetune=args.finetune, pretrain_task_views=not args.no_task_views
+    )
     if args.grid is not None:
         grids = QUICK if args.grid == "quick" else FULL
         cfg = grids._replace(**{f: getattr(cfg, f) for f in _TRAINING_FIELDS})
@@ -1149,8 +1248,11 @@ def _report(results: Sequence[SeedResult], cfg: Config, args: argparse.Namespace
     grid = args.grid or sizes
     tag = f"digits_{bb}{'_quick' if args.quick else ''}"
     tag += f"_{grid}grid" if grid != sizes else ""
+    tag += "_lpft" if cfg.finetune == "lp-ft" else ""
+    tag += "" if cfg.pretrain_task_views else "_notv"
     print(
-        f"\n## digits, {bb} backbone, {sizes} sizes, {grid} grids; tasks "
+        f"\n## digits, {bb} backbone, {sizes} sizes, {grid} grids, fine-tuning {cfg.finetune}"
+        f"{'' if cfg.pretrain_task_views else ', θ0 without the task views'}; tasks "
         f"{', '.join(cfg.tasks)}; seeds {[r.seed for r in results]}"
     )
     print(

@@ -315,10 +315,22 @@ def _multi_loss(model: nn.Module, params: PyTree, x: jax.Array, y: jax.Array) ->
 _CHUNK = 50  # steps per jitted scan; a fixed length, so one compilation serves every run
 
 
-@functools.partial(jax.jit, static_argnames=("model", "multitask", "lr"))
-def _train_steps(params, opt_state, x, y, batches, num_active, *, model, multitask, lr):
+def _optimizer(params: PyTree, lr: float, head_only: bool) -> optax.GradientTransformation:
+    """Adam; with ``head_only`` the backbone's updates are zero (a linear probe)."""
+    if not head_only:
+        return optax.adam(lr)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "freeze" if "backbone" in jax.tree_util.keystr(path) else "train", params
+    )
+    return optax.multi_transform({"train": optax.adam(lr), "freeze": optax.set_to_zero()}, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "multitask", "lr", "head_only"))
+def _train_steps(
+    params, opt_state, x, y, batches, num_active, *, model, multitask, lr, head_only=False
+):
     """len(batches) Adam steps on x[batches[i]]; steps i ≥ num_active leave the state as is."""
-    tx = optax.adam(lr)
+    tx = _optimizer(params, lr, head_only)
     loss = _multi_loss if multitask else _single_loss
 
     def step(carry, inputs):
@@ -351,9 +363,9 @@ def _fit(
     seed: int,
     progress: bool,
     desc: str,
+    head_only: bool = False,
 ) -> PyTree:
-    tx = optax.adam(lr)
-    opt_state = tx.init(params)
+    opt_state = _optimizer(params, lr, head_only).init(params)
     x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
     rng = np.random.default_rng(seed)
     n = x.shape[-2]
@@ -371,6 +383,7 @@ def _fit(
                 model=model,
                 multitask=multitask,
                 lr=float(lr),
+                head_only=head_only,
             )
             bar.update(size)
             bar.set_postfix(loss=f"{float(losses[size - 1]):.3f}")
@@ -389,8 +402,14 @@ def train(
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
+    head_only: bool = False,
 ) -> PyTree:
     """Minimise the mean softmax cross-entropy of ``model`` on (x, y) with Adam.
+
+    With ``head_only`` only ``params["params"]["head"]`` moves (the backbone's updates are
+    zero): a linear probe on the backbone's features, the first stage of LP-FT (Kumar et al.,
+    "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution",
+    ICLR 2022), which starts fine-tuning from a head that already fits the task.
 
     Each step draws ``batch_size`` examples uniformly with replacement
     (``numpy.random.default_rng(seed)``, the same stream on every backend); the steps run as
@@ -402,6 +421,7 @@ def train(
       x: inputs (N, 64). y: integer labels (N,).
       steps, lr, batch_size, seed: the optimisation.
       progress: show a tqdm bar. desc: its label.
+      head_only: train the head alone (see above).
 
     Returns:
       The trained variables, shaped like ``params``.
@@ -418,6 +438,7 @@ def train(
         seed=seed,
         progress=progress,
         desc=desc,
+        head_only=head_only,
     )
 
 
@@ -529,12 +550,13 @@ def fit_multitask(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    heads: Sequence[PyTree] | None = None,
 ) -> tuple[PyTree, list[PyTree]]:
     """Joint training on T tasks given as arrays: one backbone, one head per task.
 
     Args:
       model: a :class:`Classifier`. pretrained: the starting variables (every head starts
-        from its head).
+        from its head, unless ``heads`` gives T starting heads, e.g. linear probes).
       xs: inputs (T, N, 64); ys: integer labels (T, N) (task t's own labels).
       steps, lr, batch_size, seed, progress: as :func:`train`; each step takes ``batch_size``
         examples of every task and minimises the mean of the T losses.
@@ -543,10 +565,13 @@ def fit_multitask(
       ``(params, heads)``: variables with the first task's head, and the T heads in order.
     """
     num_tasks = int(np.shape(xs)[0])
-    head = pretrained["params"]["head"]
+    if heads is None:
+        heads = [pretrained["params"]["head"]] * num_tasks
+    if len(heads) != num_tasks:
+        raise ValueError(f"heads: expected {num_tasks} (one per task); got {len(heads)}.")
     init = {
         "backbone": pretrained["params"]["backbone"],
-        "heads": jax.tree.map(lambda h: jnp.stack([h] * num_tasks), head),
+        "heads": jax.tree.map(lambda *h: jnp.stack(h), *heads),
     }
     out = _fit(
         model,

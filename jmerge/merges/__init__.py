@@ -3,6 +3,8 @@
 Data-free: :func:`average`, :func:`task_arithmetic`, :func:`negation`, :func:`ties`,
 :func:`dare`, :func:`dare_ties`. Closed forms: :func:`fisher_merge`, :func:`regmean`.
 Solves: :func:`mats` (MaTS, any curvature, CG) and :func:`gradient_matching` (Daheim et al.).
+Beyond the quadratic model: :func:`output_matching` (the KL objective MaTS approximates,
+minimised by Gauss-Newton steps).
 """
 
 
@@ -30,6 +32,8 @@ _WHERE = {
     "dare": "sparse",
     "dare_ties": "sparse",
     "ties": "sparse",
+    "output_matching": "output_matching",
+    "OutputMatchingInfo": "output_matching",
 }
 __getattr__, __dir__ = attach(__name__, _WHERE)
 
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from jmerge.merges.closed_form import fisher_merge, regmean
     from jmerge.merges.gradient_matching import gradient_matching
     from jmerge.merges.mats import mats
+    from jmerge.merges.output_matching import OutputMatchingInfo, output_matching
     from jmerge.merges.sparse import dare, dare_ties, ties
 
 __all__ = [
@@ -62,4 +67,6 @@ __all__ = [
     "regmean",
     "mats",
     "gradient_matching",
+    "output_matching",
+    "OutputMatchingInfo",
 ]
