@@ -71,6 +71,7 @@ class Grid(NamedTuple):
     mats_curvatures: tuple[str, ...] = ("diag", "kfac", "gram", "fisher_mf")
     mats_iters: tuple[int, ...] = (0, 10, 50)
     mats_dampings: tuple[float, ...] = (1e-2,)
+    om_steps: tuple[int, ...] = (5, 10, 20)
 
 
 QUICK_GRID = Grid(
@@ -85,6 +86,7 @@ QUICK_GRID = Grid(
     gm_mf_maxiter=10,
     mats_iters=(0, 10),
     mats_dampings=(1e-2,),
+    om_steps=(5,),
 )
 
 
@@ -324,6 +326,14 @@ def claims(results: Sequence[Result]) -> list[str]:
         f"[{r0.setting}] MaTS with CG per curvature: "
         + ", ".join(f"{m[5:]} {shown(v):.4f}" for m, v in cg.items()),
     ]
+    if "output_match" in methods:
+        quad = {m: mean(m) for m in methods if m.startswith(("mats_", "regmean", "fisher"))}
+        bq = max(quad, key=quad.get)
+        om = mean("output_match")
+        lines.append(
+            f"[{r0.setting}] (c) output matching {shown(om):.4f} vs the best quadratic-model "
+            f"merge ({bq}) {shown(quad[bq]):.4f}: {'HOLDS' if om > quad[bq] else 'FAILS'}"
+        )
     top = max(methods, key=mean)
     lines.append(
         f"[{r0.setting}] best merge {top} {shown(mean(top)):.4f} vs target alone "
