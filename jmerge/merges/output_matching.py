@@ -26,9 +26,11 @@ Solvers:
   matrix of task t's term at the current point (J_n the Jacobian of the logits, p_n the
   merged model's probabilities; matrix-free, one ``jax.jvp`` and one ``jax.vjp`` per task per
   product), d the mean of its diagonal at the initialisation (a Hutchinson estimate, so λ is
-  relative and the step is invariant to the scale of the logits), and λ_k the damping. Each
-  step is a MaTS solve on the curvature of the current point: the first step from θ_k = θ_t
-  with λ = 0 is MaTS's system for that model. A step is taken when it lowers L (ρ > 0,
+  relative and the step is invariant to the scale of the logits), and λ_k the damping. To
+  first order in θ_t − θ_k, −∇L(θ_k) = Σ_t w_t G_t(θ_k)(θ_t − θ_k), so the
+  undamped step lands on MaTS's solution (Σ_t w_t G_t)⁻¹ Σ_t w_t G_t θ_t with every task's
+  curvature taken at the current point instead of at θ_t: Gauss-Newton is MaTS re-linearised
+  until the true objective stops falling. A step is taken when it lowers L (ρ > 0,
   ρ = actual / predicted decrease); λ halves when ρ > 3/4 and grows ×4 when ρ < 1/4 (the
   trust-region rules of Nocedal & Wright, *Numerical Optimization*, Alg. 4.1, with
   Marquardt's damping in place of a radius). L never increases.

@@ -95,6 +95,35 @@ def test_gauss_newton_reaches_the_convex_minimiser(d, c, t, seed):
     )
 
 
+def test_ggn_product_equals_dense_numpy_ggn():
+    """Σ_t w_t G_t(θ) v of the Gauss-Newton steps against G built from the analytic Jacobian of
+    softmax regression in NumPy: J_n[c, (i, c')] = x_ni δ_cc', J_n[c, b_c'] = δ_cc'."""
+    from jmerge.merges.output_matching import _ggn_mv, _Problem
+
+    d, c, t, n = 4, 3, 2, 9
+    base, models, inputs = _problem(5, d, c, t, n)
+    theta = jax.tree.map(lambda *a: np.mean(a, 0), *models)
+    v = {"w": np.random.default_rng(1).normal(size=(d, c)),
+         "b": np.random.default_rng(2).normal(size=(c,))}
+    weights = np.array([0.3, 1.7])
+    mask = leaf_mask(base)
+    prob = _Problem(tuple(models), tuple(inputs), (None,) * t, jnp.asarray(weights))
+    got = _ggn_mv(_linear, mask, prob, theta, v)
+    g = np.zeros((d * c + c, d * c + c))
+    for wt, x in zip(weights, inputs, strict=True):
+        p = _softmax_np(np.asarray(_linear(theta, x)))
+        for xn, pn in zip(x, p, strict=True):
+            dw = np.einsum("i,cd->cid", xn, np.eye(c)).reshape(c, d * c)  # W row-major
+            jac = np.concatenate([dw, np.eye(c)], axis=1)
+            h = np.diag(pn) - np.outer(pn, pn)
+            g += wt * jac.T @ h @ jac / n
+    want = g @ np.concatenate([v["w"].ravel(), v["b"]])
+    np.testing.assert_allclose(
+        np.concatenate([np.asarray(got["w"]).ravel(), np.asarray(got["b"])]), want, rtol=1e-10,
+        atol=1e-12,
+    )
+
+
 def test_identical_models_are_a_fixed_point():
     base, models, inputs = _problem(0, 4, 3, 1, n=16)
     models = models * 3
