@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 
@@ -129,30 +130,52 @@ def kl_objective(
 
 
 class _Problem(NamedTuple):
-    """Everything the loop needs about the tasks (a pytree: arrays only)."""
+    """Everything the loop needs about the tasks (a pytree: arrays only): per task θ_t
+    (upcast), its inputs, the targets log p(·|x_tn, θ_t) and its weight. In a ``_Problem``
+    they are T-tuples and the task terms are unrolled; in a :class:`_Stacked` (every task's
+    inputs of one shape) each field has a leading task axis and the terms run in a
+    ``lax.scan``, so the compiled program, its compile time and its live memory do not grow
+    with T."""
 
-    finetuned: tuple  # θ_t, upcast
-    inputs: tuple
-    targets: tuple  # log p(·|x_tn, θ_t)
+    finetuned: Any
+    inputs: Any
+    targets: Any
     weights: jax.Array
 
 
+class _Stacked(_Problem):
+    pass
+
+
+def _over_tasks(prob: _Problem, term: Callable, init: PyTree) -> PyTree:
+    """Σ_t term(θ_t, x_t, log p_t, w_t), with ``init`` the zero of the result."""
+    if isinstance(prob, _Stacked):
+
+        def body(acc, task):
+            return jax.tree.map(jnp.add, acc, term(*task)), None
+
+        fields = (prob.finetuned, prob.inputs, prob.targets, prob.weights)
+        return jax.lax.scan(body, init, fields)[0]
+    acc = init
+    for t in range(len(prob.finetuned)):
+        task = (prob.finetuned[t], prob.inputs[t], prob.targets[t], prob.weights[t])
+        acc = jax.tree.map(jnp.add, acc, term(*task))
+    return acc
+
+
 def _objective(logits_fn, mask, prob: _Problem, theta: PyTree) -> jax.Array:
-    total = jnp.zeros((), prob.weights.dtype)
-    for i, (own, x, p_log) in enumerate(
-        zip(prob.finetuned, prob.inputs, prob.targets, strict=True)
-    ):
+    def term(own, x, p_log, w):
         z = logits_fn(_task_params(theta, own, mask), x)
-        total = total + prob.weights[i] * _log_softmax_kl(p_log, z).astype(total.dtype)
-    return total
+        return (w * _log_softmax_kl(p_log, z)).astype(prob.weights.dtype)
+
+    return _over_tasks(prob, term, jnp.zeros((), prob.weights.dtype))
 
 
 def _ggn_mv(logits_fn, mask, prob: _Problem, theta: PyTree, v: PyTree) -> PyTree:
     """Σ_t w_t G_t(θ) v on the merged leaves (zero elsewhere)."""
-    out = jax.tree.map(jnp.zeros_like, v)
-    for i, (own, x) in enumerate(zip(prob.finetuned, prob.inputs, strict=True)):
 
-        def f(th, own=own, x=x):
+    def term(own, x, p_log, w):
+        def f(th):
             return logits_fn(_task_params(th, own, mask), x)
 
         z, jv = jax.jvp(f, (theta,), (v,))
@@ -160,8 +183,9 @@ def _ggn_mv(logits_fn, mask, prob: _Problem, theta: PyTree, v: PyTree) -> PyTree
         hjv = s * jv - s * jnp.sum(s * jv, axis=-1, keepdims=True)
         count = hjv.size // hjv.shape[-1]  # the mean over every axis but the classes
         _, vjp = jax.vjp(f, theta)
-        (g,) = vjp(hjv * (prob.weights[i] / count).astype(hjv.dtype))
-        out = jax.tree.map(jnp.add, out, g)
+        return vjp(hjv * (w / count).astype(hjv.dtype))[0]
+
+    out = _over_tasks(prob, term, jax.tree.map(jnp.zeros_like, v))
     return select(mask, out, jax.tree.map(jnp.zeros_like, out))
 
 
@@ -181,7 +205,7 @@ def _mean_diagonal(logits_fn, mask, prob: _Problem, theta: PyTree, key: jax.Arra
         v = jax.tree.unflatten(treedef, v)
         return otu.tree_vdot(v, _ggn_mv(logits_fn, mask, prob, theta, v))
 
-    return sum(probe(k) for k in jax.random.split(key, 4)) / (4 * max(n, 1))
+    return jnp.sum(jax.lax.map(probe, jax.random.split(key, 4))) / (4 * max(n, 1))
 
 
 def _gauss_newton(logits_fn, mask, prob, theta, steps, damping, cg_maxiter, cg_rtol, key):
@@ -325,17 +349,36 @@ def output_matching(
     for i, x in enumerate(inputs):
         check_finite(x, name=f"inputs[{i}]")
     w = model_axis_weights(weights, t)
-    models = [jax.tree.map(lambda a, i=i: upcast(a[i]), prep.stacked) for i in range(t)]
     if init is None:
         theta = jax.tree.map(lambda a: jnp.mean(upcast(a), axis=0), prep.stacked)
     else:
         prepare(pretrained, [init], ref_name="pretrained", check_dtypes=False)
         theta = upcast(init)
     theta = select(prep.mask, theta, upcast(pretrained))
-    targets = tuple(
-        jax.nn.log_softmax(logits_fn(m, x), axis=-1) for m, x in zip(models, inputs, strict=True)
+    w = w.astype(jnp.result_type(float))
+    shapes = {jax.tree.structure(x): None for x in inputs}
+    same = (
+        len(shapes) == 1
+        and len(
+            {tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(x)) for x in inputs}
+        )
+        == 1
     )
-    prob = _Problem(tuple(models), tuple(inputs), targets, w.astype(jnp.result_type(float)))
+    if same:  # one program for every task: a lax.scan over the task axis
+        stacked_inputs = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
+        stacked_models = jax.tree.map(upcast, prep.stacked)
+        targets = jax.lax.map(
+            lambda mx: jax.nn.log_softmax(logits_fn(*mx), axis=-1),
+            (stacked_models, stacked_inputs),
+        )
+        prob = _Stacked(stacked_models, stacked_inputs, targets, w)
+    else:
+        models = [jax.tree.map(lambda a, i=i: upcast(a[i]), prep.stacked) for i in range(t)]
+        targets = tuple(
+            jax.nn.log_softmax(logits_fn(m, x), axis=-1)
+            for m, x in zip(models, inputs, strict=True)
+        )
+        prob = _Problem(tuple(models), tuple(inputs), targets, w)
     if isinstance(solver, str):
         key = jax.random.key(0) if key is None else key
         theta, info = _gauss_newton(

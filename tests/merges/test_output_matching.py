@@ -201,6 +201,19 @@ def test_optax_solver_and_jit_agree_with_eager():
     chex.assert_trees_all_close(jitted.info.history, eager.info.history, rtol=1e-6)
 
 
+def test_tasks_scanned_or_unrolled_give_the_same_merge():
+    """Inputs of one shape and dtype run the tasks in a lax.scan; mixed ones unroll them.
+    The same data both ways (float32-exact inputs, one task's given as float32) must agree."""
+    base, models, inputs = _two_layer_models(seed=4)
+    inputs = [np.asarray(np.float32(x), np.float64) for x in inputs]
+    mixed = [inputs[0].astype(np.float32), *inputs[1:]]
+    scanned = output_matching(_two_layer, base, models, inputs, exclude="head", steps=5)
+    unrolled = output_matching(_two_layer, base, models, mixed, exclude="head", steps=5)
+    chex.assert_trees_all_close(unrolled.params, scanned.params, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(unrolled.info.history, scanned.info.history, rtol=1e-6)
+    assert float(scanned.info.objective) < float(scanned.info.objective_init)
+
+
 def test_warm_start_continues_where_it_stopped():
     base, models, inputs = _two_layer_models(seed=3)
     first = output_matching(_two_layer, base, models, inputs, steps=4)
