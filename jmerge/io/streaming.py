@@ -859,29 +859,13 @@ def _touch(arrays: Sequence[np.ndarray]) -> None:
             int(flat[::4096].sum())
 
 
-class _Prefetcher:
-    """Touches the pages of the next tensor's inputs in a thread while the current one merges."""
-
-    def __init__(self):
-        self._thread: threading.Thread | None = None
-
-    def start(self, arrays: Sequence[np.ndarray]) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=_touch, args=(list(arrays),), daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-
 class _Background:
     """Runs ``fn(*args)`` calls one at a time in a thread, at most one in flight: each call
-    first waits for the previous one and raises its error, if any. The merge loop hands it
-    ``ShardedWriter.add`` so that copying tensor i into the page cache (a third of a task
-    arithmetic merge's time, measured with ``perf``) overlaps merging tensor i + 1; memory
-    grows by one output tensor. Leaving the ``with`` block waits for the call in flight
+    first waits for the previous one and raises its error, if any. The merge loop runs two:
+    :func:`_touch` on the next tensor's inputs (their pages are read while the current tensor
+    merges), and ``ShardedWriter.add``, so that copying tensor i into the page cache (a third
+    of a task arithmetic merge's time, measured with ``perf``) overlaps merging tensor i + 1;
+    memory grows by one output tensor. Leaving the ``with`` block waits for the call in flight
     (re-raising its error unless another one is already propagating)."""
 
     def __init__(self, fn: Callable[..., Any]):
@@ -998,14 +982,14 @@ def merge_checkpoints(
             layout = [(t.name, t.shape, t.dtype) for t in plan.tensors]
             bar = tqdm(total=bytes_in, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"jmerge {plan.config.merge_method}", disable=not progress)
-            prefetch = _Prefetcher()
             with ShardedWriter(out, plan=layout, max_shard_size=max_shard_size,
-                               overwrite=overwrite) as writer, _Background(writer.add) as write:
+                               overwrite=overwrite) as writer, _Background(writer.add) as write, \
+                    _Background(_touch) as prefetch:
                 views = _views(plan, plan.tensors[0]) if plan.tensors else []
                 for i, t in enumerate(plan.tensors):
                     if i + 1 < len(plan.tensors):
                         nxt = _views(plan, plan.tensors[i + 1])
-                        prefetch.start(nxt)
+                        prefetch(nxt)
                     merged, finite = _merge_one(plan, scale, seed, t, views)
                     if not bool(finite):
                         raise FloatingPointError(
