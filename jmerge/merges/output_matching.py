@@ -62,7 +62,7 @@ from jmerge.merges._common import (
     select,
 )
 from jmerge.solvers.cg import cg
-from jmerge.tree import LeafFilter, cast_like, check_finite, upcast
+from jmerge.tree import LeafFilter, cast_like, check_finite, stack, upcast
 
 __all__ = ["OutputMatchingInfo", "output_matching", "kl_objective"]
 
@@ -118,15 +118,19 @@ def kl_objective(
     ``logits_fn(params, x)`` returns logits whose last axis is the classes; the KL is summed
     over it and averaged over every other axis. ``mask`` (Python bools shaped like θ) marks
     the merged leaves; elsewhere task t's term uses θ_t's leaves. Weights default to 1/T.
+    The objective :func:`output_matching` minimises, computed the same way.
+
+    Raises:
+      ValueError: ``inputs`` not one batch per model, weights summing to zero.
     """
     t = len(finetuned)
+    if len(inputs) != t:
+        raise ValueError(f"inputs: expected one batch per model ({t}); got {len(inputs)}.")
+    if mask is None:
+        mask = jax.tree.map(lambda _: True, theta)
     w = model_axis_weights(weights, t)
-    total = jnp.zeros((), jnp.result_type(float))
-    for i, (own, x) in enumerate(zip(finetuned, inputs, strict=True)):
-        p_log = jax.nn.log_softmax(jax.lax.stop_gradient(logits_fn(own, x)), axis=-1)
-        th = theta if mask is None else _task_params(theta, own, mask)
-        total = total + w[i] * _log_softmax_kl(p_log, logits_fn(th, x))
-    return total
+    prob = _make_problem(logits_fn, stack(list(finetuned)), list(inputs), w)
+    return _objective(logits_fn, mask, prob, upcast(theta))
 
 
 class _Problem(NamedTuple):
@@ -145,6 +149,31 @@ class _Problem(NamedTuple):
 
 class _Stacked(_Problem):
     pass
+
+
+def _make_problem(logits_fn, stacked: PyTree, inputs: list, w: jax.Array) -> _Problem:
+    """The tasks' data: ``stacked`` models (leading axis T, upcast here), their inputs, the
+    targets log p(·|x_tn, θ_t) (no gradient) and the weights; a :class:`_Stacked` when every
+    task's inputs have one structure, shape and dtype, else an unrolled :class:`_Problem`."""
+    w = w.astype(jnp.result_type(float))
+    stacked = jax.tree.map(upcast, stacked)
+
+    def targets_of(m, x):
+        return jax.lax.stop_gradient(jax.nn.log_softmax(logits_fn(m, x), axis=-1))
+
+    signatures = {
+        (
+            jax.tree.structure(x),
+            tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(x)),
+        )
+        for x in inputs
+    }
+    if len(signatures) == 1:  # one program for every task: a lax.scan over the task axis
+        xs = jax.tree.map(lambda *a: jnp.stack(a), *inputs)
+        return _Stacked(stacked, xs, jax.lax.map(lambda mx: targets_of(*mx), (stacked, xs)), w)
+    models = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(inputs)))
+    targets = tuple(targets_of(m, x) for m, x in zip(models, inputs, strict=True))
+    return _Problem(models, tuple(inputs), targets, w)
 
 
 def _over_tasks(prob: _Problem, term: Callable, init: PyTree) -> PyTree:
@@ -255,20 +284,25 @@ def _gauss_newton(logits_fn, mask, prob, theta, steps, damping, cg_maxiter, cg_r
 def _first_order(logits_fn, mask, prob, theta, steps, tx: optax.GradientTransformation):
     zero = jax.tree.map(jnp.zeros_like, theta)
     value_and_grad = jax.value_and_grad(lambda th: _objective(logits_fn, mask, prob, th))
-    value0 = _objective(logits_fn, mask, prob, theta)
 
     def body(k, state):
-        th, opt, history = state
-        _, g = value_and_grad(th)
+        # values[k] = L before step k: the forward pass of the gradient, not a second one
+        th, opt, values = state
+        value, g = value_and_grad(th)
         updates, opt = tx.update(select(mask, g, zero), opt, th)
         th = optax.apply_updates(th, select(mask, updates, zero))
-        return th, opt, history.at[k].set(_objective(logits_fn, mask, prob, th))
+        return th, opt, values.at[k].set(value)
 
-    history = jnp.zeros((steps,), value0.dtype)
-    th, _, history = jax.lax.fori_loop(0, steps, body, (theta, tx.init(theta), history))
-    value = history[-1] if steps else value0
+    values = jnp.zeros((steps + 1,), prob.weights.dtype)
+    th, _, values = jax.lax.fori_loop(0, steps, body, (theta, tx.init(theta), values))
+    values = values.at[steps].set(_objective(logits_fn, mask, prob, th))
     info = OutputMatchingInfo(
-        value, value0, history, jnp.int32(steps), jnp.asarray(jnp.nan, value0.dtype), jnp.int32(0)
+        values[steps],
+        values[0],
+        values[1:],
+        jnp.int32(steps),
+        jnp.asarray(jnp.nan, values.dtype),
+        jnp.int32(0),
     )
     return th, info
 
@@ -355,30 +389,7 @@ def output_matching(
         prepare(pretrained, [init], ref_name="pretrained", check_dtypes=False)
         theta = upcast(init)
     theta = select(prep.mask, theta, upcast(pretrained))
-    w = w.astype(jnp.result_type(float))
-    shapes = {jax.tree.structure(x): None for x in inputs}
-    same = (
-        len(shapes) == 1
-        and len(
-            {tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(x)) for x in inputs}
-        )
-        == 1
-    )
-    if same:  # one program for every task: a lax.scan over the task axis
-        stacked_inputs = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
-        stacked_models = jax.tree.map(upcast, prep.stacked)
-        targets = jax.lax.map(
-            lambda mx: jax.nn.log_softmax(logits_fn(*mx), axis=-1),
-            (stacked_models, stacked_inputs),
-        )
-        prob = _Stacked(stacked_models, stacked_inputs, targets, w)
-    else:
-        models = [jax.tree.map(lambda a, i=i: upcast(a[i]), prep.stacked) for i in range(t)]
-        targets = tuple(
-            jax.nn.log_softmax(logits_fn(m, x), axis=-1)
-            for m, x in zip(models, inputs, strict=True)
-        )
-        prob = _Problem(tuple(models), tuple(inputs), targets, w)
+    prob = _make_problem(logits_fn, prep.stacked, inputs, w)
     if isinstance(solver, str):
         key = jax.random.key(0) if key is None else key
         theta, info = _gauss_newton(
