@@ -227,6 +227,10 @@ def test_bad_input_is_named():
     base, models, inputs = _two_layer_models()
     with pytest.raises(ValueError, match="one batch per model"):
         output_matching(_two_layer, base, models, inputs[:2])
+    with pytest.raises(ValueError, match=r"one batch per model \(3\); got 2"):
+        kl_objective(_two_layer, base, models, inputs[:2])
+    with pytest.raises(ValueError, match="one entry per model"):
+        output_matching(_two_layer, base, models, inputs, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="steps"):
         output_matching(_two_layer, base, models, inputs, steps=-1)
     with pytest.raises(ValueError, match="damping"):
