@@ -545,7 +545,7 @@ def _chunk_histogram(base, model, valid, prefixes, *, shift, width, filtered, se
         digits = jnp.where(same & live[None], digit[None], bins)
     else:
         digits = jnp.where(live, digit, bins)[None]
-    return _histogram(digits, bins, 1)
+    return _histogram(digits, bins, 1, kernel=True)
 
 
 @partial(jax.jit, static_argnames=("select_dtype",))

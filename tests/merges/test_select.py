@@ -2,7 +2,11 @@
 
 The reference is ``lax.top_k(x, k)[0][..., k - 1]`` (and ``np.partition`` for finite data):
 the value must be equal bit for bit (``assert_array_equal``; the sign of a zero included).
+The value tests run twice: with XLA's scatter-add histograms and with the CPU FFI kernel
+(``jmerge._kernels``), each forced on for the whole selection.
 """
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +18,28 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jmerge
+from jmerge._kernels import histogram_target
+from jmerge.merges import _select
 from jmerge.merges._select import kth_largest, kth_largest_over
 from tests.helpers import collectives
 
 select = jax.jit(kth_largest, static_argnums=1)  # one compile per k: used where k is fixed
+
+
+PATHS = ["scatter", "cpu_kernel"]
+
+
+@contextlib.contextmanager
+def _histograms(path):
+    """Force one histogram path for the selections traced inside the block."""
+    if path == "cpu_kernel" and histogram_target() is None:
+        pytest.skip("the CPU kernel could not be built here (see test_cpu_kernel.py)")
+    old = _select._KERNEL_DEFAULT
+    _select._KERNEL_DEFAULT = path == "cpu_kernel"
+    try:
+        yield
+    finally:
+        _select._KERNEL_DEFAULT = old
 
 
 def _top_k(x, k):
@@ -36,8 +58,14 @@ def _ks(n):
     return sorted({1, n // 3 + 1, n})
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16])
-def test_random_rows_equal_top_k_and_partition(dtype):
+def test_random_rows_equal_top_k_and_partition(dtype, path):
+    with _histograms(path):
+        _random_rows(dtype)
+
+
+def _random_rows(dtype):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 2, 1001)) * rng.lognormal(0, 3, (3, 2, 1)), dtype)
     _check(x, _ks(1001))
@@ -49,7 +77,13 @@ def test_random_rows_equal_top_k_and_partition(dtype):
         )
 
 
-def test_ties_zeros_subnormals_extremes():
+@pytest.mark.parametrize("path", PATHS)
+def test_ties_zeros_subnormals_extremes(path):
+    with _histograms(path):
+        _ties_zeros_subnormals_extremes()
+
+
+def _ties_zeros_subnormals_extremes():
     tiny = np.finfo(np.float32).smallest_subnormal
     vals = np.array(
         [0.0, -0.0, tiny, 2 * tiny, -tiny, 1e-38, 1e38, -1e38, 3.4e38, np.inf, -np.inf, 1.0],
@@ -64,22 +98,27 @@ def test_ties_zeros_subnormals_extremes():
     _check(jnp.asarray(np.abs(rng.standard_normal((3, 257))), jnp.float32), _ks(257))
 
 
-def test_nan_ordered_as_top_k():
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_ordered_as_top_k(path):
     x = jnp.array([0.0, -0.0, jnp.nan, -jnp.nan, jnp.inf, -1.0, 2.0], jnp.float32)
+    with _histograms(path):
+        got = [kth_largest(x, k) for k in range(1, 8)]
     for k in range(1, 8):
-        got, want = kth_largest(x, k), _top_k(x, k)
-        assert np.isnan(got) == np.isnan(want) and np.signbit(got) == np.signbit(want), k
+        g, want = got[k - 1], _top_k(x, k)
+        assert np.isnan(g) == np.isnan(want) and np.signbit(g) == np.signbit(want), k
         if not np.isnan(want):
-            assert got == want
+            assert g == want
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint32, jnp.int16, jnp.int64])
-def test_integers(dtype):
+def test_integers(dtype, path):
     info = np.iinfo(dtype)
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.integers(info.min, info.max, size=(2, 200), endpoint=True), dtype)
-    _check(x, _ks(200))
-    _check(jnp.asarray(rng.integers(-3, 3, size=(2, 200)).astype(dtype)), _ks(200))
+    with _histograms(path):
+        _check(x, _ks(200))
+        _check(jnp.asarray(rng.integers(-3, 3, size=(2, 200)).astype(dtype)), _ks(200))
 
 
 @settings(max_examples=10, deadline=None)
@@ -89,26 +128,30 @@ def test_integers(dtype):
     k_frac=st.floats(0.0, 1.0),
     seed=st.integers(0, 2**16),
     repeats=st.booleans(),
+    path=st.sampled_from(PATHS),
 )
-def test_hypothesis_shapes_and_k(shape, n, k_frac, seed, repeats):
+def test_hypothesis_shapes_and_k(shape, n, k_frac, seed, repeats, path):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((*shape, n)).astype(np.float32)
     if repeats:
         x = np.round(x * 2) / 2
     k = 1 + int(k_frac * (n - 1))
-    np.testing.assert_array_equal(kth_largest(jnp.asarray(x), k), _top_k(jnp.asarray(x), k))
+    with _histograms(path):
+        got = kth_largest(jnp.asarray(x), k)
+    np.testing.assert_array_equal(got, _top_k(jnp.asarray(x), k))
 
 
-def test_over_leaves_equals_concatenation():
+@pytest.mark.parametrize("path", PATHS)
+def test_over_leaves_equals_concatenation(path):
     rng = np.random.default_rng(3)
     leaves = [
         jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(4, 7, 5), (4, 1), (4, 300)]
     ]
     cat = jnp.concatenate([x.reshape(4, -1) for x in leaves], axis=1)
     for k in (1, 17, 200, 336):
-        np.testing.assert_array_equal(
-            kth_largest_over(leaves, k, batch_ndim=1), _top_k(cat, k), err_msg=f"k={k}"
-        )
+        with _histograms(path):
+            got = kth_largest_over(leaves, k, batch_ndim=1)
+        np.testing.assert_array_equal(got, _top_k(cat, k), err_msg=f"k={k}")
 
 
 def test_bad_arguments():
