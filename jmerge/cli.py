@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 from jmerge.config import METHODS, ConfigError
 from jmerge.merges.mergekit import REQUIRED
@@ -73,7 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge.add_argument("--no-overwrite", action="store_true",
                        help="fail if the output directory exists and is not empty")
+    merge.add_argument(
+        "--compile-cache", default=None, metavar="DIR",
+        help="JAX's persistent compilation cache: the merge's few XLA programs are compiled "
+             "once and reused by later merges of the same shapes (default: "
+             "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/jmerge/xla; 'none' turns it off)")
     return parser
+
+
+def _compile_cache(arg: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``arg`` (or the default), caching every
+    program however fast it compiled: a file merge compiles a handful of small programs
+    (0.8 s of a 4.5 s TIES merge, measured), the same ones for every model of one shape."""
+    import jax
+
+    path = arg or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        Path.home() / ".cache" / "jmerge" / "xla")
+    if path.lower() == "none":
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jmerge.io._memory import reuse_freed_memory
     from jmerge.io.streaming import merge_checkpoints
 
+    _compile_cache(args.compile_cache)
     reuse_freed_memory()  # same-sized buffers per tensor: reuse them, no page faults
     gc.freeze()  # the objects of the imports are never collected: no GC passes over them
     try:

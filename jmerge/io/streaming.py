@@ -518,45 +518,49 @@ def _padded_size(n: int) -> int:
     return _CHUNK if n >= _CHUNK else max(1024, 1 << (n - 1).bit_length())
 
 
-def _piece(flat: np.ndarray, start: int, size: int) -> np.ndarray:
-    """Entries [start, start + size) of a flat array, zero-padded past its end (the last
-    chunk of a tensor)."""
-    x = flat[start : start + size]
-    return np.pad(x, (0, size - x.size)) if x.size < size else x
+def _chunk_mags(base, stack, valid, select_dtype):
+    """|δ| = |θ_t − θ0| of a chunk's models rounded to ``select_dtype`` (as mergekit ranks
+    them), (N, *lanes), and the mask of the chunk's first ``valid`` entries, ``lanes``."""
+    wd = jnp.promote_types(select_dtype, jnp.float32)
+    mag = jnp.abs(stack.astype(wd) - base.astype(wd)[None]).astype(select_dtype)
+    live = jnp.arange(base.size).reshape(base.shape) < valid
+    return mag, live
 
 
 @partial(jax.jit, static_argnames=("shift", "width", "filtered", "select_dtype"))
-def _chunk_histogram(base, model, valid, prefixes, *, shift, width, filtered, select_dtype):
-    """Radix-select histograms of one chunk: for each prefix p_j, the counts (2^width bins)
-    of bits [shift, shift + width) of the order key of |δ| = |model − base| (rounded to
-    ``select_dtype``, as mergekit ranks it) over the chunk's first ``valid`` entries whose
-    higher bits equal p_j (all of them when not ``filtered``). (J, 2^width) int32."""
+def _chunk_histogram(base, stack, valid, prefixes, *, shift, width, filtered, select_dtype):
+    """Radix-select histograms of one chunk, every model at once: for model i and each of its
+    prefixes p_ij, the counts (2^width bins) of bits [shift, shift + width) of the order key
+    of |δ_i| over the chunk's first ``valid`` entries whose higher bits equal p_ij (all of
+    them when not ``filtered``, then J = 1). ``stack`` (N, *lanes), ``prefixes`` (N, J);
+    returns (N, J, 2^width) int32, counted by the CPU kernel (``jmerge._kernels``)."""
     from jmerge.merges._select import _histogram, _to_key
 
-    wd = jnp.promote_types(select_dtype, jnp.float32)
-    mag = jnp.abs(model.astype(wd) - base.astype(wd)).astype(select_dtype)
+    mag, live = _chunk_mags(base, stack, valid, select_dtype)
     key = _to_key(mag)
     kd = key.dtype
     bins = 1 << width
     digit = ((key >> np.array(shift, kd)) & np.array(bins - 1, kd)).astype(jnp.int32)
-    live = jnp.arange(key.shape[0]) < valid
+    expand = (slice(None), slice(None)) + (None,) * base.ndim
     if filtered:
-        same = (key[None] >> np.array(shift + width, kd)) == prefixes[:, None]
-        digits = jnp.where(same & live[None], digit[None], bins)
+        same = (key[:, None] >> np.array(shift + width, kd)) == prefixes[expand]
+        digits = jnp.where(same & live, digit[:, None], bins)
     else:
-        digits = jnp.where(live, digit, bins)[None]
-    return _histogram(digits, bins, 1, kernel=True)
+        digits = jnp.where(live, digit, bins)[:, None]
+    return _histogram(digits, bins, 2, kernel=True)
 
 
 @partial(jax.jit, static_argnames=("select_dtype",))
-def _chunk_l1(base, model, valid, lo, hi, *, select_dtype):
-    """(Σ|δ|, Σ_{lo ≤ |δ| ≤ hi} |δ|) over the chunk's first ``valid`` entries, float32."""
+def _chunk_l1(base, stack, valid, lo, hi, *, select_dtype):
+    """Per model (Σ|δ|, Σ_{lo ≤ |δ| ≤ hi} |δ|) over the chunk's first ``valid`` entries,
+    float32 (N,) each; ``lo``, ``hi`` (N,)."""
     wd = jnp.promote_types(select_dtype, jnp.float32)
-    delta = model.astype(wd) - base.astype(wd)
-    mag = jnp.abs(delta).astype(select_dtype)
-    live = jnp.arange(delta.shape[0]) < valid
-    kept = live & (mag >= lo) & (mag <= hi)
-    return jnp.sum(jnp.where(live, jnp.abs(delta), 0)), jnp.sum(jnp.where(kept, jnp.abs(delta), 0))
+    delta = jnp.abs(stack.astype(wd) - base.astype(wd)[None])
+    mag, live = _chunk_mags(base, stack, valid, select_dtype)
+    bound = (slice(None),) + (None,) * base.ndim
+    kept = live & (mag >= lo[bound]) & (mag <= hi[bound])
+    axes = tuple(range(1, stack.ndim))
+    return (jnp.sum(jnp.where(live, delta, 0), axes), jnp.sum(jnp.where(kept, delta, 0), axes))
 
 
 @jax.jit
@@ -567,41 +571,48 @@ def _pick_digit(hist, k_rem):
     return pick_digit(hist, k_rem)
 
 
-def _streamed_kth(pieces: Callable, n: int, ks: Sequence[int], select_dtype) -> list[int]:
-    """The order keys (ints) of the k-th largest |δ| for each k in ``ks`` over a tensor read
-    in chunks (``pieces()`` yields ``(base, model, valid)``, re-read once per radix pass):
-    radix select as :func:`jmerge.merges._select.kth_largest_over`, with each pass's
-    histogram summed over the chunks (one pass for 16-bit dtypes, two for float32), so the
-    selection holds one chunk, not the tensor."""
+def _streamed_kth(chunks: Callable, n: int, wanted: Sequence[Sequence[int]],
+                  select_dtype) -> list[list[int]]:
+    """Per model i, the order keys (ints) of the k-th largest |δ_i| for each k in
+    ``wanted[i]``, over a tensor read in chunks (``chunks()`` yields ``(start, stop, base,
+    stack)`` as :func:`_input_chunks`, re-read once per radix pass): radix select as
+    :func:`jmerge.merges._select.kth_largest_over`, each pass's histograms summed over the
+    chunks (one pass for 16-bit dtypes, two for float32) and every model counted from the
+    same chunk, so the selection holds one chunk of each model, not the tensor."""
     from jmerge.merges._select import _digits
 
     if n >= 2**31:
         raise ValueError(f"a magnitude selection over {n} >= 2^31 entries per model needs "
                          "64-bit counts; tensors that large are not supported.")
     key_bits = np.dtype(select_dtype).itemsize * 8
-    prefixes = [0] * len(ks)
-    k_rem = np.asarray(ks, np.int32)
+    kd = np.dtype(f"uint{key_bits}")
+    num, j = len(wanted), max(1, *(len(w) for w in wanted))
+    ks = np.array([list(w) + [1] * (j - len(w)) for w in wanted], np.int64)  # padded: k = 1
+    prefixes = [[0] * j for _ in range(num)]
+    k_rem = ks.astype(np.int32).reshape(-1)
     decided = 0
     for width in _digits(key_bits, n):
         shift = key_bits - decided - width
-        kd = np.dtype(f"uint{key_bits}")
         pre = jnp.asarray(np.array(prefixes, kd))
         hist = None
-        for base, model, valid in pieces():
-            h = _chunk_histogram(base, model, valid, pre, shift=shift, width=width,
-                                 filtered=decided > 0, select_dtype=select_dtype)
-            hist = h if hist is None else hist + h
-        if decided == 0:  # one histogram serves every k
-            hist = np.repeat(np.asarray(hist), len(ks), axis=0)
-        digits, k_rem = _pick_digit(hist, np.asarray(k_rem, hist.dtype))
-        prefixes = [(p << width) | int(d) for p, d in zip(prefixes, digits, strict=True)]
+        for start, stop, base, stack in chunks():
+            # np.asarray waits for the count: the chunk buffers are refilled next iteration.
+            h = np.asarray(_chunk_histogram(base, stack, stop - start, pre, shift=shift,
+                                            width=width, filtered=decided > 0,
+                                            select_dtype=select_dtype))
+            hist = h.astype(np.int64) if hist is None else hist + h
+        hist = np.broadcast_to(hist, (num, j, hist.shape[-1])).reshape(num * j, -1)
+        digits, k_rem = _pick_digit(hist.astype(np.int32), k_rem)
+        digits = np.asarray(digits).reshape(num, j)
+        prefixes = [[(p << width) | int(d) for p, d in zip(ps, ds, strict=True)]
+                    for ps, ds in zip(prefixes, digits, strict=True)]
         decided += width
-    return prefixes
+    return [ps[: len(w)] for ps, w in zip(prefixes, wanted, strict=True)]
 
 
 def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
     """Each model's magnitude-selection bounds ((N,) lo, (N,) hi) and L1 factors (N,),
-    computed over the whole tensor from chunks, one model at a time
+    computed over the whole tensor from chunks, every model from the same chunk
     (:func:`_streamed_kth`; the bounds from the ranks as the in-memory merge takes them,
     ``mergekit._bounds_from_ranks``): two numbers per model replace its mask, and no
     whole-tensor buffer is allocated."""
@@ -611,32 +622,24 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
     method = config.merge_method
     spec, kind = METHODS[method], _GTA_KIND[method]
     n = math.prod(t.shape)
-    size = _padded_size(n)
     select_dtype = np.result_type(*(np.asarray(by_ref[r]).dtype for r in config.inputs))
-    flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
     rescale = bool(params.global_.get("rescale", spec.global_["rescale"].default))
-
-    def piece(ref, start):
-        return jnp.asarray(_piece(flat[ref], start, size))
 
     def per_model(name, i):
         default = spec.per_model[name].default if name in spec.per_model else 0.0
         return float(np.asarray(params.per_model.get(name, [default] * len(config.stack))[i]))
 
-    def pieces(ref):
-        for start in range(0, n, size):
-            yield piece(config.base, start), piece(ref, start), min(size, n - start)
+    def chunks():
+        return _input_chunks(config, by_ref, n)
 
     models = range(len(config.stack))
     densities = [per_model("density", i) for i in models]
     gammas = [per_model("gamma", i) if kind == "outliers" else 0.0 for i in models]
     ranks = selection_ranks(kind, n, densities, gammas)
     key_dtype = np.dtype(f"uint{8 * select_dtype.itemsize}")
-    keys = []  # per model: {rank: order key of the value of that rank}
-    for i, ref in enumerate(config.stack):
-        wanted = sorted({k for k in (ranks[0][i], ranks[1][i]) if k is not None})
-        found = _streamed_kth(lambda ref=ref: pieces(ref), n, wanted, select_dtype)
-        keys.append(dict(zip(wanted, found, strict=True)))
+    wanted = [sorted({k for k in (ranks[0][i], ranks[1][i]) if k is not None}) for i in models]
+    found = _streamed_kth(chunks, n, wanted, select_dtype)
+    keys = [dict(zip(w, f, strict=True)) for w, f in zip(wanted, found, strict=True)]
 
     def kth(ks):  # per model, the value of rank ks[i] (0 where None)
         return np.stack([
@@ -650,11 +653,11 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params):
     if not rescale:
         return (lo, hi), jnp.ones(len(config.stack), wd)
     before, after = np.zeros(len(config.stack)), np.zeros(len(config.stack))
-    for i, ref in enumerate(config.stack):
-        for b, m, valid in pieces(ref):
-            s0, s1 = _chunk_l1(b, m, valid, lo[i], hi[i], select_dtype=select_dtype)
-            before[i] += float(s0)
-            after[i] += float(s1)
+    lo_d, hi_d = jnp.asarray(lo), jnp.asarray(hi)
+    for start, stop, base, stack in chunks():
+        s0, s1 = _chunk_l1(base, stack, stop - start, lo_d, hi_d, select_dtype=select_dtype)
+        before += np.asarray(s0, np.float64)
+        after += np.asarray(s1, np.float64)
     return (lo, hi), jnp.asarray(_l1_factors(before, after).astype(wd))
 
 
@@ -680,9 +683,11 @@ def _chunk_random_l1(base, stack, valid, density, key, start):
 
     wd = jnp.promote_types(stack.dtype, jnp.float32)
     delta = jnp.abs(stack.astype(wd) - base.astype(wd)[None])
-    live = (jnp.arange(delta.shape[1]) < valid)[None]
-    keep = live & (uniforms(key, delta.shape, start) < density[:, None])
-    return jnp.sum(jnp.where(live, delta, 0), 1), jnp.sum(jnp.where(keep, delta, 0), 1)
+    live = (jnp.arange(base.size).reshape(base.shape) < valid)[None]
+    bound = (slice(None),) + (None,) * base.ndim
+    keep = live & (uniforms(key, delta.shape, start) < density[bound])
+    axes = tuple(range(1, stack.ndim))
+    return jnp.sum(jnp.where(live, delta, 0), axes), jnp.sum(jnp.where(keep, delta, 0), axes)
 
 
 def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, key):
@@ -695,19 +700,15 @@ def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, 
     if not bool(params.global_.get("rescale", spec.global_["rescale"].default)):
         return None
     n = math.prod(t.shape)
-    size = _padded_size(n)
-    flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
     density = jnp.asarray(np.asarray(params.per_model["density"], np.float32))
     before = np.zeros(len(config.stack))
     after = np.zeros(len(config.stack))
-    for start in range(0, n, size):
-        s0, s1 = _chunk_random_l1(jnp.asarray(_piece(flat[config.base], start, size)),
-                                  jnp.asarray(np.stack([_piece(flat[r], start, size)
-                                                        for r in config.stack])),
-                                  min(size, n - start), density, key, start)
+    for start, stop, base, stack in _input_chunks(config, by_ref, n):
+        s0, s1 = _chunk_random_l1(base, stack, stop - start, density, key, start)
         before += np.asarray(s0, np.float64)
         after += np.asarray(s1, np.float64)
-    wd = np.promote_types(np.result_type(*(flat[r].dtype for r in config.inputs)), np.float32)
+    dtypes = [np.asarray(by_ref[r]).dtype for r in config.inputs]
+    wd = np.promote_types(np.result_type(*dtypes), np.float32)
     return jnp.asarray(_l1_factors(before, after).astype(wd))
 
 
@@ -751,18 +752,18 @@ def _aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
-                   masks=None, scales=None, bounds=None, key=None):
-    """An elementwise method (or a sparsifying one given its masks, selection bounds or
-    random key, and its factors) over flat chunks of fixed length (the last one zero-padded):
-    the process holds one output tensor plus one chunk per input, and every tensor of the
-    model runs one of a few compiled programs (one per chunk length).
+def _input_chunks(config: MergeConfig, by_ref: Mapping, n: int, *, masks=None):
+    """Yields ``(start, stop, base, stack[, masks])`` for the flat chunks [start, stop) of a
+    tensor of n entries: ``stack`` (N, *lanes) holds the models' pieces and ``base`` (lanes)
+    the base model's (None without one), zero-padded past ``stop`` to the chunk length
+    :func:`_padded_size` (so a model runs a few compiled programs, one per chunk length).
 
-    The models' pieces are copied into one host buffer (N, size) that goes to the kernel
-    as it is: stacking N device arrays inside the compiled program (``jnp.stack``, a
-    concatenate) kept XLA:CPU from fusing it with the merge, 15 ms instead of 1.3 ms per
-    chunk of 4M entries (task arithmetic, 3 models, measured)."""
-    n = math.prod(t.shape)
+    The pieces are copied into 64-byte aligned host buffers that go to the device as they are
+    (``device_put(may_alias=True)``: read in place on CPU): stacking N device arrays inside
+    the compiled program (``jnp.stack``, a concatenate) kept XLA:CPU from fusing it with the
+    merge, 15 ms instead of 1.3 ms per chunk of 4M entries (task arithmetic, 3 models,
+    measured). The buffers are refilled for the next chunk, so the caller must have waited
+    for every result computed from a chunk (``np.asarray``) before asking for the next."""
     size = _padded_size(n)
     lanes = (size // _LANES, _LANES) if size % _LANES == 0 else (size,)
     flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
@@ -770,9 +771,6 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
     stack_buf = _aligned_zeros((len(config.stack), size), stack_dtype)
     mask_buf = None if masks is None else _aligned_zeros((len(masks), size), bool)
     base_buf = None if config.base is None else _aligned_zeros((size,), flat[config.base].dtype)
-    out = np.empty(n, t.dtype)
-    finite = True
-    args = _kernel_args(params)
 
     def fill(buf, source, start, stop):
         buf[: stop - start] = source[start:stop]
@@ -783,22 +781,37 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
         stop = min(start + size, n)
         for row, ref in zip(stack_buf, config.stack, strict=True):
             fill(row, flat[ref], start, stop)
-        # may_alias: on CPU the kernel may read the host buffer in place; the buffers are
-        # refilled only after the kernel that read them has finished (np.asarray below)
         stack = jax.device_put(stack_buf.reshape(len(config.stack), *lanes), may_alias=True)
         base = None
         if base_buf is not None:
             fill(base_buf, flat[config.base], start, stop)
             base = jax.device_put(base_buf.reshape(lanes), may_alias=True)
-        piece_masks = None
-        if mask_buf is not None:
-            for row, m in zip(mask_buf, masks, strict=True):
-                fill(row, m, start, stop)
-            piece_masks = jax.device_put(mask_buf.reshape(len(masks), *lanes), may_alias=True)
-        merged, ok = _tensor_kernel(base, stack, key=key, masks=piece_masks, scales=scales,
-                                    bounds=bounds, start=None if key is None else start,
+        if mask_buf is None:
+            yield start, stop, base, stack
+            continue
+        for row, m in zip(mask_buf, masks, strict=True):
+            fill(row, m, start, stop)
+        yield start, stop, base, stack, jax.device_put(
+            mask_buf.reshape(len(masks), *lanes), may_alias=True)
+
+
+def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
+                   masks=None, scales=None, bounds=None, key=None):
+    """An elementwise method (or a sparsifying one given its masks, selection bounds or
+    random key, and its factors) over flat chunks of fixed length (:func:`_input_chunks`):
+    the process holds one output tensor plus one chunk per input."""
+    n = math.prod(t.shape)
+    out = np.empty(n, t.dtype)
+    finite = True
+    args = _kernel_args(params)
+    for start, stop, base, stack, *piece_masks in _input_chunks(config, by_ref, n, masks=masks):
+        merged, ok = _tensor_kernel(base, stack, key=key,
+                                    masks=piece_masks[0] if piece_masks else None,
+                                    scales=scales, bounds=bounds,
+                                    start=None if key is None else start,
                                     method=config.merge_method,
                                     out_dtype=np.dtype(t.dtype), **args)
+        # np.asarray waits for the kernel before the chunk buffers are refilled.
         out[start:stop] = np.asarray(merged).reshape(-1)[: stop - start]
         finite = finite and bool(ok)
     return out.reshape(t.shape), finite

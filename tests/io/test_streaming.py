@@ -405,30 +405,35 @@ def test_cli_help_lists_methods_and_parameters():
 @pytest.mark.parametrize("n", [1, 777, 5000])
 def test_streamed_kth_equals_top_k(dtype, n):
     """The chunked radix select (histograms summed over padded chunks, one pass for 16-bit
-    keys, two for float32) returns lax.top_k's k-th largest |δ|, ties included."""
+    keys, two for float32, every model counted from the same chunk) returns lax.top_k's k-th
+    largest |δ| of each model, ties included; models may ask for different numbers of ranks."""
     from jmerge.io.streaming import _streamed_kth
     from jmerge.merges._select import _from_key
 
     r = np.random.default_rng(n)
     base = r.normal(size=n).astype(dtype)
-    model = (base.astype(np.float32) + r.choice([0.0, 0.5, -1.0, 1e-3], n)
-             * r.normal(size=n).astype(np.float32)).astype(dtype)
-    mag = np.abs(model.astype(np.float32) - base.astype(np.float32)).astype(dtype)
+    models = [(base.astype(np.float32) + r.choice([0.0, 0.5, -1.0, 1e-3], n)
+               * r.normal(size=n).astype(np.float32) * scale).astype(dtype)
+              for scale in (1.0, 3.0)]
     size = 1024
 
-    def pieces():
+    def pad(x, start, stop):
+        return np.pad(x[start:stop], (0, size - (stop - start)))
+
+    def chunks():
         for start in range(0, n, size):
             stop = min(start + size, n)
-            yield (jnp.asarray(np.pad(base[start:stop], (0, size - (stop - start)))),
-                   jnp.asarray(np.pad(model[start:stop], (0, size - (stop - start)))),
-                   stop - start)
+            yield (start, stop, jnp.asarray(pad(base, start, stop)),
+                   jnp.asarray(np.stack([pad(m, start, stop) for m in models])))
 
-    ks = sorted({1, max(1, n // 3), n})
-    keys = _streamed_kth(pieces, n, ks, np.dtype(dtype))
+    wanted = [sorted({1, max(1, n // 3), n}), [max(1, n // 2)]]
+    keys = _streamed_kth(chunks, n, wanted, np.dtype(dtype))
     kd = np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
-    got = [float(_from_key(jnp.asarray(np.array(k, kd)), dtype)) for k in keys]
-    want = [float(jax.lax.top_k(jnp.asarray(mag.astype(np.float32)), k)[0][k - 1]) for k in ks]
-    assert got == want
+    for model, ks, found in zip(models, wanted, keys, strict=True):
+        mag = np.abs(model.astype(np.float32) - base.astype(np.float32)).astype(dtype)
+        got = [float(_from_key(jnp.asarray(np.array(k, kd)), dtype)) for k in found]
+        top = jax.lax.top_k(jnp.asarray(mag.astype(np.float32)), n)[0]
+        assert got == [float(top[k - 1]) for k in ks]
 
 
 @pytest.mark.parametrize(
