@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from jmerge._kernels import histogram_target
 from jmerge.merges import _select
+from jmerge.merges.sparse import ties
 
 needs_kernel = pytest.mark.skipif(
     histogram_target() is None, reason="the CPU kernel could not be built here"
@@ -97,6 +98,96 @@ def test_automatic_rule_keeps_kernel_out_of_multi_device_programs():
     # rule uses XLA's scatter-add, which the partitioner splits without gathering the input.
     if jax.device_count() > 1:
         assert "jmerge_histogram" not in hlo(None)
+
+
+def _abs_diff_reference(a, b, k):
+    """lax.top_k's k-th of |a_t − b| computed by XLA (its denormal flushing included)."""
+    f = jax.jit(lambda a, b: jax.lax.top_k(
+        jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)[None]).reshape(a.shape[0], -1),
+        k)[0][:, k - 1])
+    return np.asarray(f(a, b))
+
+
+def _kernel_kth(a, b, k, radix_only=False):
+    old = _select._RADIX_ONLY
+    _select._RADIX_ONLY = radix_only
+    try:
+        f = jax.jit(lambda a, b: _select.kth_largest_abs_diff(a, b, k, kernel=True))
+        return np.asarray(f(a, b))
+    finally:
+        _select._RADIX_ONLY = old
+
+
+def _bits_equal(x, y):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(
+    t=st.integers(1, 4),
+    s=st.sampled_from([(1,), (9,), (300,), (7, 40), (20000,)]),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    k_frac=st.floats(0.0, 1.0),
+    data=st.sampled_from(["normal", "repeats", "zeros", "denormals"]),
+    radix_only=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kth_abs_diff_equals_top_k(t, s, dtype, k_frac, data, radix_only, seed):
+    """The one-pass kernel (and its radix fallback alone) equals XLA's top_k of |a_t − b| bit
+    for bit: repeated values, a_t = b entries, and denormal inputs and differences (which
+    XLA:CPU flushes to zero) included."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(s))
+    b = rng.standard_normal(s).astype(np.float32)
+    d = rng.standard_normal((t, *s)).astype(np.float32)
+    if data == "repeats":
+        d = np.round(d * 2) / 2
+    elif data == "zeros":
+        d = d * (rng.random((t, *s)) < 0.3)
+    elif data == "denormals":
+        tiny = np.finfo(np.float32).smallest_normal
+        b = rng.choice([0.0, 0.3 * tiny, tiny, 1.5 * tiny], size=s).astype(np.float32)
+        d = rng.choice([0.0, -0.2 * tiny, 0.7 * tiny, 2 * tiny, 1e-30], size=(t, *s))
+    a = jnp.asarray(b[None] + d, dtype)
+    b = jnp.asarray(b, dtype)
+    k = 1 + int(k_frac * (n - 1))
+    _bits_equal(_kernel_kth(a, b, k, radix_only), _abs_diff_reference(a, b, k))
+
+
+@needs_kernel
+@pytest.mark.parametrize("t", [1, 2, 5])
+def test_kth_abs_diff_long_rows_in_parallel_blocks(t):
+    """Rows of 2^21+ entries (split into blocks on the thread pool when T is small) with a
+    heavy-tailed task vector, at TIES's usual density and at the extremes."""
+    rng = np.random.default_rng(t)
+    n = (1 << 21) + 777
+    b = rng.standard_normal(n).astype(np.float32)
+    a = jnp.asarray(b[None] + rng.standard_t(2, size=(t, n)).astype(np.float32) * 1e-2)
+    b = jnp.asarray(b)
+    for k in (1, n // 5, n - 3, n):
+        _bits_equal(_kernel_kth(a, b, k), _abs_diff_reference(a, b, k))
+
+
+@needs_kernel
+def test_ties_with_the_kernel_equals_ties_without():
+    rng = np.random.default_rng(5)
+    pre = {"w": jnp.asarray(rng.standard_normal((64, 300)), jnp.float32),
+           "b": jnp.asarray(rng.standard_normal((300,)), jnp.bfloat16)}
+    models = [jax.tree.map(lambda x: (x.astype(jnp.float32) + 0.1 * jnp.asarray(
+        rng.standard_normal(x.shape), jnp.float32)).astype(x.dtype), pre) for _ in range(3)]
+    outs = []
+    for kernel in (False, True):
+        old = _select._KERNEL_DEFAULT
+        _select._KERNEL_DEFAULT = kernel
+        try:
+            # The choice is made when the merge is traced: drop the cached traces first.
+            jax.clear_caches()
+            outs.append(jax.jit(lambda p, m: ties(p, m, density=0.3))(pre, models))
+        finally:
+            _select._KERNEL_DEFAULT = old
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(
+        np.asarray(x, np.float32), np.asarray(y, np.float32)), *outs)
 
 
 def _run(code, **env):

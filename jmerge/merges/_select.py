@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec
 
 from jmerge.sharding import explicit_sharding
 
-__all__ = ["kth_largest", "kth_largest_over"]
+__all__ = ["kth_largest", "kth_largest_abs_diff", "kth_largest_over"]
 
 _MAX_DIGIT = 16  # bits decided per pass: histograms of at most 65536 bins
 
@@ -292,3 +292,72 @@ def kth_largest(x: jax.Array, k: int) -> jax.Array:
     if x.ndim == 0:
         raise ValueError("kth_largest needs at least one axis; got a scalar.")
     return kth_largest_over([x], k, batch_ndim=x.ndim - 1)
+
+
+_ABS_DIFF_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+_RADIX_ONLY = False  # tests: the kernel's fallback (two histogram passes) for every row
+
+
+def kth_largest_abs_diff(
+    a: jax.Array, b: jax.Array, k: int, *, kernel: bool | None = None
+) -> jax.Array:
+    """The k-th largest of |a_t − b| over the entries of each model t, without sorting.
+
+    ``a`` has shape ``(T, *s)`` and ``b`` shape ``s``; both are widened to their compute
+    dtype first (bf16/fp16 → float32, as :func:`jmerge.merges.basic.task_vectors`). Equal to
+    ``kth_largest_over([abs(a − b[None])], k, batch_ndim=1)``, i.e. to ``lax.top_k``'s k-th value
+    bit for bit, XLA's flushing of denormals included. This is TIES's per-tensor threshold
+    κ_t of the task vectors τ_t = θ_t − θ0 (Yadav et al. 2023, §3.1).
+
+    On CPU, for float32 or bfloat16 inputs of one dtype, the CPU kernel ``jmerge_kth_abs_diff``
+    (``jmerge._kernels``) computes it in one pass over ``a`` instead of materialising the
+    task vectors' magnitudes and making two histogram passes (:func:`_use_cpu_kernel` says
+    where; ``kernel`` forces it on or off); elsewhere :func:`kth_largest` on the magnitudes.
+
+    Args:
+      a: ``(T, *s)`` float array (the models θ_t).
+      b: ``s`` float array (θ0).
+      k: static int, ``1 <= k <= prod(s)``.
+
+    Returns:
+      ``(T,)`` in the compute dtype.
+
+    Raises:
+      ValueError: shapes that do not match or k out of range.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim < 1 or a.shape[1:] != b.shape:
+        raise ValueError(f"expected a of shape (T, *s) and b of shape s; got {a.shape}, {b.shape}.")
+    n = math.prod(b.shape)
+    if not isinstance(k, int | np.integer) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, {n}] (the number of entries); got {k!r}.")
+    from jmerge.tree import compute_dtype
+
+    wd = compute_dtype(jnp.result_type(a, b))
+
+    def generic(a, b):
+        # No reshape: flattening an array sharded on a minor axis would gather it.
+        mags = jnp.abs(a.astype(wd) - b.astype(wd)[None])
+        return kth_largest_over([mags], k, batch_ndim=1)
+
+    use = (
+        a.dtype == b.dtype
+        and np.dtype(a.dtype) in _ABS_DIFF_DTYPES
+        and a.shape[0] > 0
+        and n > 0
+        and _use_cpu_kernel(a, kernel)
+    )
+    if not use:
+        return generic(a, b)
+    from jmerge._kernels import kth_abs_diff_target
+
+    def cpu(a, b):
+        call = jax.ffi.ffi_call(
+            kth_abs_diff_target(),
+            jax.ShapeDtypeStruct((a.shape[0],), jnp.float32),
+            vmap_method="sequential",
+        )
+        return call(a.reshape(a.shape[0], n), b.reshape(n), k=np.int64(k),
+                    radix_only=np.int64(_RADIX_ONLY))
+
+    return jax.lax.platform_dependent(a, b, cpu=cpu, default=generic)

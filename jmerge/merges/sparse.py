@@ -30,6 +30,7 @@ outside (0, 1], a NaN or Inf in a merge's result: a ``RuntimeWarning`` and a
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from functools import partial
@@ -41,10 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmerge.merges._common import check_result, model_sum, per_model, prepare, select
-from jmerge.merges._select import kth_largest_over
+from jmerge.merges._select import kth_largest_abs_diff, kth_largest_over
 from jmerge.merges.basic import Models, _keep, _task_vectors
 from jmerge.sharding import explicit_sharding
-from jmerge.tree import LeafFilter, is_traced, require
+from jmerge.tree import LeafFilter, compute_dtype, is_traced, require
 
 __all__ = [
     "trim_topk",
@@ -302,11 +303,51 @@ def _add_to(pretrained: PyTree, update: PyTree) -> PyTree:
     )
 
 
+def _ties_thresholds(pretrained: PyTree, stacked: PyTree, density: float, scope: str) -> PyTree:
+    """κ_t per leaf, (T,) each (:func:`trim_topk`), from θ0 and the models: per tensor by
+    :func:`kth_largest_abs_diff` (one pass over the models on CPU, no task vector
+    materialised), over the whole model by :func:`kth_largest_over` of the leaves' |τ_t|."""
+    if scope == "tensor":
+
+        def leaf(p, s):
+            return kth_largest_abs_diff(s, p, _num_kept(density, p.size)) if p.size else None
+
+        return jax.tree_util.tree_map(leaf, pretrained, stacked)
+    tvs = jax.tree_util.tree_leaves(_task_vectors(pretrained, stacked))
+    n = sum(math.prod(x.shape[1:]) for x in tvs)
+    mags = [jnp.abs(x) for x in tvs if x.size]
+    thr = kth_largest_over(mags, _num_kept(density, n), batch_ndim=1) if mags else None
+    return jax.tree_util.tree_map(lambda p: thr if p.size else None, pretrained)
+
+
+def _ties_leaf(p: jax.Array, s: jax.Array, thr: jax.Array | None, alpha: jax.Array) -> jax.Array:
+    """θ0 + α · disjoint_mean(τ̂, elect_sign(τ̂)) for one leaf, τ̂_t = τ_t ⊙ [|τ_t| ≥ κ_t],
+    written over the models' slices so that XLA fuses it into one pass that writes only the
+    merged leaf (the steps as :func:`trim_topk`, :func:`elect_sign` and
+    :func:`disjoint_mean` compute them, the same operations in the same order)."""
+    if thr is None:
+        return p
+    wd = compute_dtype(jnp.result_type(p, s))
+    base = p.astype(wd)
+    tv = [s[t].astype(wd) - base for t in range(s.shape[0])]
+    trimmed = [jnp.where(jnp.abs(x) >= thr[t].astype(wd), x, jnp.zeros_like(x))
+               for t, x in enumerate(tv)]
+    sign = jnp.sign(functools.reduce(jnp.add, trimmed))
+    agree = [(jnp.sign(x) == sign) & (x != 0) for x in trimmed]
+    total = functools.reduce(jnp.add, [jnp.where(a, x, jnp.zeros_like(x))
+                                       for a, x in zip(agree, trimmed, strict=True)])
+    count = functools.reduce(jnp.add, [a.astype(jnp.int32) for a in agree])
+    merged = total / jnp.maximum(count, 1).astype(wd)
+    return (base + alpha.astype(wd) * merged).astype(p.dtype)
+
+
 @partial(jax.jit, static_argnames=("density", "scope"))
 def _ties_kernel(pretrained, stacked, alpha, *, density, scope):
-    trimmed = _trim_topk(_task_vectors(pretrained, stacked), density=density, scope=scope)
-    merged = _disjoint_mean(trimmed, _elect_sign(trimmed))
-    return _add_to(pretrained, jax.tree_util.tree_map(lambda m: alpha.astype(m.dtype) * m, merged))
+    thresholds = _ties_thresholds(pretrained, stacked, density, scope)
+    return jax.tree_util.tree_map(
+        lambda p, s, thr: _ties_leaf(p, s, thr, alpha), pretrained, stacked, thresholds,
+        is_leaf=lambda x: x is None,
+    )
 
 
 def ties(
