@@ -229,59 +229,68 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
   ParallelFor(pool, rows, n * rows < 2 * kMinBlock ? 0 : threads, [&](int64_t r) {
     share[r] = Bracket(a + r * n, b, n, k, &lo[r], &hi[r]);
   });
-  // The pass: per block, the count above the bracket and the keys inside it.
-  const int64_t per_row = rows >= threads + 1 ? 1 : std::max<int64_t>(
-      1, std::min<int64_t>(threads + 1, n / kMinBlock));
-  const int64_t block = (n + per_row - 1) / per_row, items = rows * per_row;
+  // The pass: blocks of entries, each block all rows (b's tile is read once from memory and
+  // then from L1 for every row); per (block, row) the count above the bracket and the keys
+  // inside it.
+  // Many blocks (of at least 2^18 entries), claimed dynamically: three workers on two cores
+  // with one block each would leave a core idle for a third of the pass.
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>(8 * (threads + 1), n / (kMinBlock / 4)));
+  const int64_t block = (n + blocks - 1) / blocks, items = blocks * rows;
   std::vector<int64_t> above(items, 0);
   std::vector<std::vector<uint32_t>> inside(items);
   std::vector<char> overflow(items, 0);
-  ParallelFor(pool, items, rows * n < 2 * kMinBlock ? 0 : threads, [&](int64_t w) {
-    const int64_t r = w / per_row, j = w % per_row;
+  ParallelFor(pool, blocks, rows * n < 2 * kMinBlock ? 0 : threads, [&](int64_t j) {
     const int64_t begin = j * block, end = std::min(n, begin + block);
-    const T* ar = a + r * n;
-    const uint32_t l = lo[r], span = hi[r] - lo[r];
-    // Keys of non-negative floats are below 2^31: a signed compare (which SSE2 has) counts
-    // the keys above hi; hi = UINT32_MAX (no upper bound) becomes INT32_MAX.
-    const int32_t h = static_cast<int32_t>(std::min<uint32_t>(hi[r], INT32_MAX));
-    // Room for 3x the expected share inside the bracket (plus slack); more means a miss.
-    const int64_t cap = static_cast<int64_t>(3.0 * share[r] * (end - begin)) + 4096;
-    std::vector<uint32_t>& keep = inside[w];
-    keep.reserve(std::min<int64_t>(cap, end - begin));
-    // Tiles: the keys of a tile in one vectorisable loop (the count above the bracket
-    // with them), then a scan of the tile (in L1) for the few keys inside it.
+    std::vector<int32_t> h(rows);
+    std::vector<int64_t> cap(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      // Keys of non-negative floats are below 2^31: a signed compare (which SSE2 has) counts
+      // the keys above hi; hi = UINT32_MAX (no upper bound) becomes INT32_MAX.
+      h[r] = static_cast<int32_t>(std::min<uint32_t>(hi[r], INT32_MAX));
+      // Room for 3x the expected share inside the bracket (plus slack); more is a miss.
+      cap[r] = static_cast<int64_t>(3.0 * share[r] * (end - begin)) + 4096;
+      inside[j * rows + r].reserve(std::min<int64_t>(cap[r], end - begin));
+    }
+    // Tiles: a row's keys of a tile in one vectorisable loop (counting those above the
+    // bracket), then a scan of the tile (in L1) for the few keys inside the bracket.
     constexpr int64_t kTile = 4096;
     alignas(64) uint32_t keys[kTile];
-    int64_t count = 0;
     for (int64_t t0 = begin; t0 < end; t0 += kTile) {
       const int64_t len = std::min(kTile, end - t0);
-      const T* at = ar + t0;
       const T* bt = b + t0;
-      int32_t above_tile = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        const uint32_t key = AbsDiffKey(at[i], bt[i]);
-        keys[i] = key;
-        above_tile += static_cast<int32_t>(key) > h;
-      }
-      count += above_tile;
-      for (int64_t i = 0; i < len; ++i) {
-        if (keys[i] - l <= span) {  // l <= key <= hi (unsigned wrap-around)
-          if (static_cast<int64_t>(keep.size()) == cap) {
-            overflow[w] = 1;
-            return;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t w = j * rows + r;
+        if (overflow[w]) continue;
+        const T* at = a + r * n + t0;
+        const int32_t hr = h[r];
+        int32_t above_tile = 0;
+        for (int64_t i = 0; i < len; ++i) {
+          const uint32_t key = AbsDiffKey(at[i], bt[i]);
+          keys[i] = key;
+          above_tile += static_cast<int32_t>(key) > hr;
+        }
+        above[w] += above_tile;
+        const uint32_t l = lo[r], span = hi[r] - lo[r];
+        std::vector<uint32_t>& keep = inside[w];
+        for (int64_t i = 0; i < len; ++i) {
+          if (keys[i] - l <= span) {  // l <= key <= hi (unsigned wrap-around)
+            if (static_cast<int64_t>(keep.size()) == cap[r]) {
+              overflow[w] = 1;
+              break;
+            }
+            keep.push_back(keys[i]);
           }
-          keep.push_back(keys[i]);
         }
       }
     }
-    above[w] = count;
   });
   std::vector<char> redo(rows, 0);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t count = 0, inside_n = 0;
     bool bad = false;
-    for (int64_t j = 0; j < per_row; ++j) {
-      const int64_t w = r * per_row + j;
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int64_t w = j * rows + r;
       bad |= overflow[w] != 0;
       count += above[w];
       inside_n += static_cast<int64_t>(inside[w].size());
@@ -292,8 +301,8 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
     }
     std::vector<uint32_t> keys;
     keys.reserve(inside_n);
-    for (int64_t j = 0; j < per_row; ++j) {
-      auto& v = inside[r * per_row + j];
+    for (int64_t j = 0; j < blocks; ++j) {
+      auto& v = inside[j * rows + r];
       keys.insert(keys.end(), v.begin(), v.end());
       std::vector<uint32_t>().swap(v);
     }

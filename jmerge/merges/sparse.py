@@ -320,18 +320,15 @@ def _ties_thresholds(pretrained: PyTree, stacked: PyTree, density: float, scope:
     return jax.tree_util.tree_map(lambda p: thr if p.size else None, pretrained)
 
 
-def _ties_leaf(p: jax.Array, s: jax.Array, thr: jax.Array | None, alpha: jax.Array) -> jax.Array:
-    """θ0 + α · disjoint_mean(τ̂, elect_sign(τ̂)) for one leaf, τ̂_t = τ_t ⊙ [|τ_t| ≥ κ_t],
+def _elect_merge_leaf(p: jax.Array, s: jax.Array, sparsify, alpha: jax.Array) -> jax.Array:
+    """θ0 + α · disjoint_mean(τ̂, elect_sign(τ̂)) for one leaf, τ̂_t = ``sparsify(t, τ_t)``,
     written over the models' slices so that XLA fuses it into one pass that writes only the
-    merged leaf (the steps as :func:`trim_topk`, :func:`elect_sign` and
-    :func:`disjoint_mean` compute them, the same operations in the same order)."""
-    if thr is None:
-        return p
+    merged leaf (the same operations in the same order as :func:`elect_sign`,
+    :func:`disjoint_mean` and the trim; a stacked τ̂ would be materialised, since both steps
+    read it)."""
     wd = compute_dtype(jnp.result_type(p, s))
     base = p.astype(wd)
-    tv = [s[t].astype(wd) - base for t in range(s.shape[0])]
-    trimmed = [jnp.where(jnp.abs(x) >= thr[t].astype(wd), x, jnp.zeros_like(x))
-               for t, x in enumerate(tv)]
+    trimmed = [sparsify(t, s[t].astype(wd) - base) for t in range(s.shape[0])]
     sign = jnp.sign(functools.reduce(jnp.add, trimmed))
     agree = [(jnp.sign(x) == sign) & (x != 0) for x in trimmed]
     total = functools.reduce(jnp.add, [jnp.where(a, x, jnp.zeros_like(x))
@@ -339,6 +336,17 @@ def _ties_leaf(p: jax.Array, s: jax.Array, thr: jax.Array | None, alpha: jax.Arr
     count = functools.reduce(jnp.add, [a.astype(jnp.int32) for a in agree])
     merged = total / jnp.maximum(count, 1).astype(wd)
     return (base + alpha.astype(wd) * merged).astype(p.dtype)
+
+
+def _ties_leaf(p: jax.Array, s: jax.Array, thr: jax.Array | None, alpha: jax.Array) -> jax.Array:
+    """TIES on one leaf given its thresholds κ (T,): τ̂_t = τ_t ⊙ [|τ_t| ≥ κ_t]."""
+    if thr is None:
+        return p
+
+    def trim(t, x):
+        return jnp.where(jnp.abs(x) >= thr[t].astype(x.dtype), x, jnp.zeros_like(x))
+
+    return _elect_merge_leaf(p, s, trim, alpha)
 
 
 @partial(jax.jit, static_argnames=("density", "scope"))
@@ -444,9 +452,19 @@ def dare(
 
 @jax.jit
 def _dare_ties_kernel(pretrained, stacked, alpha, density, key):
-    dropped = _drop_and_rescale(_task_vectors(pretrained, stacked), density, key)
-    merged = _disjoint_mean(dropped, _elect_sign(dropped))
-    return _add_to(pretrained, jax.tree_util.tree_map(lambda m: alpha.astype(m.dtype) * m, merged))
+    if not jax.tree_util.tree_leaves(stacked):
+        return pretrained
+    # The uniforms depend on the leaves' shapes and paths only (stacked has the task vectors').
+    uniforms = _uniforms(key, stacked)
+
+    def leaf(p, s, u):
+        def drop(t, x):
+            keep = u[t] < jnp.asarray(density, u.dtype)
+            return jnp.where(keep, x / jnp.asarray(density, x.dtype), jnp.zeros_like(x))
+
+        return _elect_merge_leaf(p, s, drop, alpha)
+
+    return jax.tree_util.tree_map(leaf, pretrained, stacked, uniforms)
 
 
 def dare_ties(
