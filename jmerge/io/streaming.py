@@ -56,7 +56,7 @@ from jmerge.config import (
     resolve_parameters,
 )
 from jmerge.io._memory import PeakMemory
-from jmerge.io.safetensors import SafetensorsCheckpoint, ShardedWriter
+from jmerge.io.safetensors import CheckpointError, SafetensorsCheckpoint, ShardedWriter
 
 __all__ = ["MergeSummary", "TensorPlan", "MergePlan", "plan_merge", "merge_checkpoints"]
 
@@ -594,13 +594,17 @@ def _streamed_kth(chunks: Callable, n: int, wanted: Sequence[Sequence[int]],
     for width in _digits(key_bits, n):
         shift = key_bits - decided - width
         pre = jnp.asarray(np.array(prefixes, kd))
-        hist = None
+        hist = np.zeros((), np.int64)
+        pending = None
         for start, stop, base, stack in chunks():
-            # np.asarray waits for the count: the chunk buffers are refilled next iteration.
-            h = np.asarray(_chunk_histogram(base, stack, stop - start, pre, shift=shift,
-                                            width=width, filtered=decided > 0,
-                                            select_dtype=select_dtype))
-            hist = h.astype(np.int64) if hist is None else hist + h
+            h = _chunk_histogram(base, stack, stop - start, pre, shift=shift, width=width,
+                                 filtered=decided > 0, select_dtype=select_dtype)
+            # One step late: waiting for the previous chunk's count (np.asarray) frees its
+            # buffers for the next chunk's copy, while this chunk's count runs.
+            if pending is not None:
+                hist = hist + np.asarray(pending)
+            pending = h
+        hist = hist + np.asarray(pending)
         hist = np.broadcast_to(hist, (num, j, hist.shape[-1])).reshape(num * j, -1)
         digits, k_rem = _pick_digit(hist.astype(np.int32), k_rem)
         digits = np.asarray(digits).reshape(num, j)
@@ -762,37 +766,77 @@ def _input_chunks(config: MergeConfig, by_ref: Mapping, n: int, *, masks=None):
     (``device_put(may_alias=True)``: read in place on CPU): stacking N device arrays inside
     the compiled program (``jnp.stack``, a concatenate) kept XLA:CPU from fusing it with the
     merge, 15 ms instead of 1.3 ms per chunk of 4M entries (task arithmetic, 3 models,
-    measured). The buffers are refilled for the next chunk, so the caller must have waited
-    for every result computed from a chunk (``np.asarray``) before asking for the next."""
+    measured). Two sets of buffers alternate, so that chunk i + 1 is copied while the kernel
+    of chunk i runs: the caller must have waited for every result computed from chunk i − 1
+    (``np.asarray``) before asking for chunk i + 1, whose copy overwrites its buffers."""
     size = _padded_size(n)
     lanes = (size // _LANES, _LANES) if size % _LANES == 0 else (size,)
     flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
     stack_dtype = np.result_type(*(flat[ref].dtype for ref in config.stack))
-    stack_buf = _aligned_zeros((len(config.stack), size), stack_dtype)
-    mask_buf = None if masks is None else _aligned_zeros((len(masks), size), bool)
-    base_buf = None if config.base is None else _aligned_zeros((size,), flat[config.base].dtype)
+    sets = 2 if n > size else 1
 
-    def fill(buf, source, start, stop):
+    def buffers():
+        stack_buf = _aligned_zeros((len(config.stack), size), stack_dtype)
+        mask_buf = None if masks is None else _aligned_zeros((len(masks), size), bool)
+        base_buf = (None if config.base is None
+                    else _aligned_zeros((size,), flat[config.base].dtype))
+        return stack_buf, mask_buf, base_buf
+
+    pool = [buffers() for _ in range(sets)]
+
+    # Tensors that view a checkpoint file are read with pread: one copy from the page cache
+    # into the buffer, without faulting in the mapping's pages first.
+    from jmerge.io.safetensors import file_region
+
+    regions = {ref: file_region(by_ref[ref]) for ref in config.inputs}
+    fds = {path: os.open(path, os.O_RDONLY) for path, _ in filter(None, regions.values())}
+
+    def copy(buf, source, start, stop):
         buf[: stop - start] = source[start:stop]
         if stop - start < size:
             buf[stop - start :] = 0
 
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        for row, ref in zip(stack_buf, config.stack, strict=True):
-            fill(row, flat[ref], start, stop)
-        stack = jax.device_put(stack_buf.reshape(len(config.stack), *lanes), may_alias=True)
-        base = None
-        if base_buf is not None:
-            fill(base_buf, flat[config.base], start, stop)
-            base = jax.device_put(base_buf.reshape(lanes), may_alias=True)
-        if mask_buf is None:
-            yield start, stop, base, stack
-            continue
-        for row, m in zip(mask_buf, masks, strict=True):
-            fill(row, m, start, stop)
-        yield start, stop, base, stack, jax.device_put(
-            mask_buf.reshape(len(masks), *lanes), may_alias=True)
+    def fill(buf, ref, start, stop):
+        region = regions[ref]
+        if region is None:
+            return copy(buf, flat[ref], start, stop)
+        path, offset = region
+        _pread_into(fds[path], buf[: stop - start], offset + start * flat[ref].itemsize, path)
+        if stop - start < size:
+            buf[stop - start :] = 0
+
+    try:
+        for i, start in enumerate(range(0, n, size)):
+            stop = min(start + size, n)
+            stack_buf, mask_buf, base_buf = pool[i % sets]
+            for row, ref in zip(stack_buf, config.stack, strict=True):
+                fill(row, ref, start, stop)
+            stack = jax.device_put(stack_buf.reshape(len(config.stack), *lanes), may_alias=True)
+            base = None
+            if base_buf is not None:
+                fill(base_buf, config.base, start, stop)
+                base = jax.device_put(base_buf.reshape(lanes), may_alias=True)
+            if mask_buf is None:
+                yield start, stop, base, stack
+                continue
+            for row, m in zip(mask_buf, masks, strict=True):
+                copy(row, m, start, stop)
+            yield start, stop, base, stack, jax.device_put(
+                mask_buf.reshape(len(masks), *lanes), may_alias=True)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, path) -> None:
+    """Fill ``buf`` with the bytes of ``fd`` from ``offset`` (short reads continued)."""
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    while view.nbytes:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise CheckpointError(f"{path}: file ends before byte {offset}; truncated "
+                                  "since it was opened?")
+        view, offset = view[got:], offset + got
 
 
 def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
@@ -804,6 +848,13 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
     out = np.empty(n, t.dtype)
     finite = True
     args = _kernel_args(params)
+    pending = None  # the previous chunk's (start, stop, merged, ok), collected one step late
+
+    def collect(start, stop, merged, ok):
+        # np.asarray waits for the kernel: its chunk buffers may then be refilled.
+        out[start:stop] = np.asarray(merged).reshape(-1)[: stop - start]
+        return bool(ok)
+
     for start, stop, base, stack, *piece_masks in _input_chunks(config, by_ref, n, masks=masks):
         merged, ok = _tensor_kernel(base, stack, key=key,
                                     masks=piece_masks[0] if piece_masks else None,
@@ -811,9 +862,11 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
                                     start=None if key is None else start,
                                     method=config.merge_method,
                                     out_dtype=np.dtype(t.dtype), **args)
-        # np.asarray waits for the kernel before the chunk buffers are refilled.
-        out[start:stop] = np.asarray(merged).reshape(-1)[: stop - start]
-        finite = finite and bool(ok)
+        if pending is not None:  # while this chunk's kernel runs, the next one is copied
+            finite = collect(*pending) and finite
+        pending = (start, stop, merged, ok)
+    if pending is not None:
+        finite = collect(*pending) and finite
     return out.reshape(t.shape), finite
 
 
@@ -864,9 +917,21 @@ def _scale_for(plan: MergePlan) -> float:
 
 
 def _touch(arrays: Sequence[np.ndarray]) -> None:
-    """Fault in every page of the memory-mapped ``arrays`` (one byte per 4 KiB page): the
-    kernel reads them into the page cache, which is file-backed, not this process's memory."""
+    """Have the next tensor's inputs read into the page cache (file-backed, not this
+    process's memory) while the current one merges: for tensors in checkpoint files an
+    asynchronous readahead (``posix_fadvise(WILLNEED)``; the merge then reads them with
+    ``pread``), for other memory-mapped arrays one byte per 4 KiB page faulted in."""
+    from jmerge.io.safetensors import file_region
+
     for a in arrays:
+        region = file_region(a) if hasattr(os, "posix_fadvise") else None
+        if region is not None:
+            fd = os.open(region[0], os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, region[1], a.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+            continue
         flat = a.reshape(-1).view(np.uint8)
         if flat.size:
             int(flat[::4096].sum())

@@ -351,10 +351,13 @@ def test_cli_merge_prints_summary(family, tmp_path, capsys):
     assert "task_arithmetic" in text and SafetensorsCheckpoint(tmp_path / "out").names
 
 
-def test_full_disk_during_merge_keeps_previous_output(family, tmp_path):
+@pytest.mark.parametrize("direct", [False, True])
+def test_full_disk_during_merge_keeps_previous_output(family, tmp_path, direct):
     """Tensors are written by a background thread while the next one merges: a write error
     there (a file-size limit standing in for a full disk) still stops the merge with an error
-    naming the file, and the previous output stays as it was, with no temporaries left."""
+    naming the file, and the previous output stays as it was, with no temporaries left; also
+    with the shards written by O_DIRECT (the size threshold lowered so these small shards use
+    it; where the filesystem has no O_DIRECT this repeats the buffered case)."""
     root, base, fts = family
     cfg = _write(tmp_path / "ta.yaml", _ta(base, fts))
     out = tmp_path / "out"
@@ -363,7 +366,8 @@ def test_full_disk_during_merge_keeps_previous_output(family, tmp_path):
     limit = 64 * 1024  # bytes per file: the shards are up to 150 KB
     code = (
         "import resource, signal, sys; from jmerge.cli import main; "
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        + ("import jmerge.io.safetensors as s; s._DIRECT_CHUNK = 8192; " if direct else "")
+        + "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
         f"sys.exit(main(['merge', {str(cfg)!r}, '-o', {str(out)!r}, '--no-progress']))"
     )
