@@ -156,6 +156,42 @@ def test_kth_abs_diff_equals_top_k(t, s, dtype, k_frac, data, radix_only, seed):
 
 
 @needs_kernel
+@settings(max_examples=15, deadline=None)
+@given(
+    shapes=st.lists(st.sampled_from([(1,), (5,), (64, 3), (3000,), (17, 2, 3)]), min_size=1,
+                    max_size=4),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    k_frac=st.floats(0.0, 1.0),
+    radix_only=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kth_abs_diff_over_leaves_equals_top_k_of_concatenation(shapes, dtype, k_frac,
+                                                                 radix_only, seed):
+    """Several leaves at once (TIES's global threshold): the k-th largest over the
+    concatenated |a_t − b| of all leaves, bit for bit."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for s in shapes:
+        b = rng.standard_normal(s).astype(np.float32)
+        d = np.round(rng.standard_normal((3, *s)) * 4) / 4 * rng.choice([0.0, 1e-2, 1.0], (3, *s))
+        pairs.append((jnp.asarray(b[None] + d, dtype), jnp.asarray(b, dtype)))
+    n = sum(b.size for _, b in pairs)
+    k = 1 + int(k_frac * (n - 1))
+    old = _select._RADIX_ONLY
+    _select._RADIX_ONLY = radix_only
+    try:
+        f = jax.jit(lambda *x: _select.kth_largest_abs_diff_over(_select._pairs(x), k,
+                                                                  kernel=True))
+        got = f(*[x for pair in pairs for x in pair])
+    finally:
+        _select._RADIX_ONLY = old
+    mags = jnp.concatenate([jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)[None])
+                            .reshape(3, -1) for a, b in pairs], axis=1)
+    want = jax.jit(lambda m: jax.lax.top_k(m, k)[0][:, k - 1])(mags)
+    _bits_equal(got, want)
+
+
+@needs_kernel
 @pytest.mark.parametrize("t", [1, 2, 5])
 def test_kth_abs_diff_long_rows_in_parallel_blocks(t):
     """Rows of 2^21+ entries (split into blocks on the thread pool when T is small) with a
@@ -170,10 +206,12 @@ def test_kth_abs_diff_long_rows_in_parallel_blocks(t):
 
 
 @needs_kernel
-def test_ties_with_the_kernel_equals_ties_without():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_ties_with_the_kernel_equals_ties_without(dtype, scope):
     rng = np.random.default_rng(5)
-    pre = {"w": jnp.asarray(rng.standard_normal((64, 300)), jnp.float32),
-           "b": jnp.asarray(rng.standard_normal((300,)), jnp.bfloat16)}
+    pre = {"w": jnp.asarray(rng.standard_normal((64, 300)), dtype),
+           "b": jnp.asarray(rng.standard_normal((300,)), dtype)}
     models = [jax.tree.map(lambda x: (x.astype(jnp.float32) + 0.1 * jnp.asarray(
         rng.standard_normal(x.shape), jnp.float32)).astype(x.dtype), pre) for _ in range(3)]
     outs = []
@@ -183,7 +221,10 @@ def test_ties_with_the_kernel_equals_ties_without():
         try:
             # The choice is made when the merge is traced: drop the cached traces first.
             jax.clear_caches()
-            outs.append(jax.jit(lambda p, m: ties(p, m, density=0.3))(pre, models))
+            f = jax.jit(lambda p, m: ties(p, m, density=0.3, scope=scope))
+            text = f.lower(pre, models).as_text()
+            assert ("jmerge_kth_abs_diff" in text) == kernel
+            outs.append(f(pre, models))
         finally:
             _select._KERNEL_DEFAULT = old
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(

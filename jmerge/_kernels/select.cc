@@ -159,18 +159,41 @@ inline uint64_t Mix64(uint64_t x) {  // splitmix64's finaliser: sample offsets
 
 constexpr int64_t kSample = 16384;
 
-// The bracket [lo, hi] of keys that holds the k-th largest of the row with high probability,
-// from kSample entries at hashed positions, and the expected share of the row inside it.
-// hi = UINT32_MAX / lo = 0 when the bracket reaches the top / bottom of the sample.
+// One leaf of the selection: rows of a (T, n) against b (n,).
 template <typename T>
-double Bracket(const T* a, const T* b, int64_t n, int64_t k, uint32_t* lo, uint32_t* hi) {
+struct Leaf {
+  const T* a;
+  const T* b;
+  int64_t n;
+};
+
+// The leaves as one row of N = sum n_i entries: leaf and offset of global index g.
+template <typename T>
+struct Concat {
+  std::vector<Leaf<T>> leaves;
+  std::vector<int64_t> start;  // start[i] = sum of n_j for j < i; start.back() = N
+  int64_t total() const { return start.back(); }
+  uint32_t Key(int64_t row, int64_t g) const {
+    const int64_t i = std::upper_bound(start.begin(), start.end(), g) - start.begin() - 1;
+    const Leaf<T>& l = leaves[i];
+    const int64_t off = g - start[i];
+    return AbsDiffKey(l.a[row * l.n + off], l.b[off]);
+  }
+};
+
+// The bracket [lo, hi] of keys that holds the k-th largest of a row with high probability,
+// from kSample entries (one per stratum of N / kSample, at a hashed offset inside it), and
+// the expected share of the row inside it. hi = UINT32_MAX / lo = 0 when the bracket reaches
+// the top / bottom of the sample.
+template <typename T>
+double Bracket(const Concat<T>& c, int64_t row, int64_t k, uint32_t* lo, uint32_t* hi) {
+  const int64_t n = c.total();
   const int64_t s = std::min<int64_t>(kSample, n);
   std::vector<uint32_t> sample(s);
   for (int64_t j = 0; j < s; ++j) {
-    // One entry per stratum of n / s entries, at a hashed offset inside it.
     const int64_t begin = j * n / s, width = (j + 1) * n / s - begin;
-    const int64_t i = begin + static_cast<int64_t>(Mix64(static_cast<uint64_t>(j)) % width);
-    sample[j] = AbsDiffKey(a[i], b[i]);
+    const int64_t g = begin + static_cast<int64_t>(Mix64(static_cast<uint64_t>(j)) % width);
+    sample[j] = c.Key(row, g);
   }
   // Rank of the target from the top in the sample and a margin of 5 standard deviations of
   // its binomial count (plus 16 for small samples and repeated values).
@@ -191,9 +214,12 @@ double Bracket(const T* a, const T* b, int64_t n, int64_t k, uint32_t* lo, uint3
 
 // Exact k-th largest key of a row by radix select: two histogram passes over 16-bit digits.
 template <typename T>
-uint32_t RadixKth(const T* a, const T* b, int64_t n, int64_t k) {
+uint32_t RadixKth(const Concat<T>& c, int64_t row, int64_t k) {
   std::vector<int64_t> hist(1 << 16);
-  for (int64_t i = 0; i < n; ++i) ++hist[AbsDiffKey(a[i], b[i]) >> 16];
+  for (const Leaf<T>& l : c.leaves) {
+    const T* a = l.a + row * l.n;
+    for (int64_t i = 0; i < l.n; ++i) ++hist[AbsDiffKey(a[i], l.b[i]) >> 16];
+  }
   int64_t above = 0;
   uint32_t top = 0xFFFF;
   for (;; --top) {
@@ -201,9 +227,12 @@ uint32_t RadixKth(const T* a, const T* b, int64_t n, int64_t k) {
     above += hist[top];
   }
   std::fill(hist.begin(), hist.end(), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t key = AbsDiffKey(a[i], b[i]);
-    if ((key >> 16) == top) ++hist[key & 0xFFFF];
+  for (const Leaf<T>& l : c.leaves) {
+    const T* a = l.a + row * l.n;
+    for (int64_t i = 0; i < l.n; ++i) {
+      const uint32_t key = AbsDiffKey(a[i], l.b[i]);
+      if ((key >> 16) == top) ++hist[key & 0xFFFF];
+    }
   }
   uint32_t low = 0xFFFF;
   for (;; --low) {
@@ -214,34 +243,45 @@ uint32_t RadixKth(const T* a, const T* b, int64_t n, int64_t k) {
 }
 
 template <typename T>
-ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t rows, int64_t n,
-                      int64_t k, bool radix_only, float* out) {
+ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const Concat<T>& c, int64_t rows, int64_t k,
+                      bool radix_only, float* out) {
   const int64_t threads = Threads(pool);
+  const int64_t n = c.total();
+  const int64_t helpers = rows * n < 2 * kMinBlock ? 0 : threads;
   if (radix_only) {  // the fallback alone (tests)
-    ParallelFor(pool, rows, 0, [&](int64_t r) {
-      const uint32_t key = RadixKth(a + r * n, b, n, k);
+    ParallelFor(pool, rows, helpers, [&](int64_t r) {
+      const uint32_t key = RadixKth(c, r, k);
       std::memcpy(&out[r], &key, 4);
     });
     return ffi::Error::Success();
   }
   std::vector<uint32_t> lo(rows), hi(rows);
   std::vector<double> share(rows);
-  ParallelFor(pool, rows, n * rows < 2 * kMinBlock ? 0 : threads, [&](int64_t r) {
-    share[r] = Bracket(a + r * n, b, n, k, &lo[r], &hi[r]);
+  ParallelFor(pool, rows, helpers, [&](int64_t r) {
+    share[r] = Bracket(c, r, k, &lo[r], &hi[r]);
   });
-  // The pass: blocks of entries, each block all rows (b's tile is read once from memory and
-  // then from L1 for every row); per (block, row) the count above the bracket and the keys
-  // inside it.
-  // Many blocks (of at least 2^18 entries), claimed dynamically: three workers on two cores
-  // with one block each would leave a core idle for a third of the pass.
-  const int64_t blocks =
-      std::max<int64_t>(1, std::min<int64_t>(8 * (threads + 1), n / (kMinBlock / 4)));
-  const int64_t block = (n + blocks - 1) / blocks, items = blocks * rows;
+  // The pass: blocks of entries of one leaf, each block all rows (b's tile is read once
+  // from memory and then from L1 for every row); per (block, row) the count above the
+  // bracket and the keys inside it. Many blocks (of at least 2^18 entries), claimed
+  // dynamically: three workers on two cores with one block each would idle a core.
+  struct Block {
+    int64_t leaf, begin, end;
+  };
+  std::vector<Block> blocks;
+  const int64_t min_block = kMinBlock / 4;
+  for (int64_t i = 0; i < static_cast<int64_t>(c.leaves.size()); ++i) {
+    const int64_t ni = c.leaves[i].n;
+    const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(8 * (threads + 1), ni / min_block));
+    const int64_t len = (ni + nb - 1) / nb;
+    for (int64_t lo_i = 0; lo_i < ni; lo_i += len) blocks.push_back({i, lo_i, std::min(ni, lo_i + len)});
+  }
+  const int64_t items = static_cast<int64_t>(blocks.size()) * rows;
   std::vector<int64_t> above(items, 0);
   std::vector<std::vector<uint32_t>> inside(items);
   std::vector<char> overflow(items, 0);
-  ParallelFor(pool, blocks, rows * n < 2 * kMinBlock ? 0 : threads, [&](int64_t j) {
-    const int64_t begin = j * block, end = std::min(n, begin + block);
+  ParallelFor(pool, static_cast<int64_t>(blocks.size()), helpers, [&](int64_t j) {
+    const Block blk = blocks[j];
+    const Leaf<T>& l = c.leaves[blk.leaf];
     std::vector<int32_t> h(rows);
     std::vector<int64_t> cap(rows);
     for (int64_t r = 0; r < rows; ++r) {
@@ -249,20 +289,20 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
       // the keys above hi; hi = UINT32_MAX (no upper bound) becomes INT32_MAX.
       h[r] = static_cast<int32_t>(std::min<uint32_t>(hi[r], INT32_MAX));
       // Room for 3x the expected share inside the bracket (plus slack); more is a miss.
-      cap[r] = static_cast<int64_t>(3.0 * share[r] * (end - begin)) + 4096;
-      inside[j * rows + r].reserve(std::min<int64_t>(cap[r], end - begin));
+      cap[r] = static_cast<int64_t>(3.0 * share[r] * (blk.end - blk.begin)) + 4096;
+      inside[j * rows + r].reserve(std::min<int64_t>(cap[r], blk.end - blk.begin));
     }
     // Tiles: a row's keys of a tile in one vectorisable loop (counting those above the
     // bracket), then a scan of the tile (in L1) for the few keys inside the bracket.
     constexpr int64_t kTile = 4096;
     alignas(64) uint32_t keys[kTile];
-    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-      const int64_t len = std::min(kTile, end - t0);
-      const T* bt = b + t0;
+    for (int64_t t0 = blk.begin; t0 < blk.end; t0 += kTile) {
+      const int64_t len = std::min(kTile, blk.end - t0);
+      const T* bt = l.b + t0;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t w = j * rows + r;
         if (overflow[w]) continue;
-        const T* at = a + r * n + t0;
+        const T* at = l.a + r * l.n + t0;
         const int32_t hr = h[r];
         int32_t above_tile = 0;
         for (int64_t i = 0; i < len; ++i) {
@@ -271,10 +311,10 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
           above_tile += static_cast<int32_t>(key) > hr;
         }
         above[w] += above_tile;
-        const uint32_t l = lo[r], span = hi[r] - lo[r];
+        const uint32_t lr = lo[r], span = hi[r] - lo[r];
         std::vector<uint32_t>& keep = inside[w];
         for (int64_t i = 0; i < len; ++i) {
-          if (keys[i] - l <= span) {  // l <= key <= hi (unsigned wrap-around)
+          if (keys[i] - lr <= span) {  // lo <= key <= hi (unsigned wrap-around)
             if (static_cast<int64_t>(keep.size()) == cap[r]) {
               overflow[w] = 1;
               break;
@@ -285,11 +325,12 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
       }
     }
   });
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
   std::vector<char> redo(rows, 0);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t count = 0, inside_n = 0;
     bool bad = false;
-    for (int64_t j = 0; j < blocks; ++j) {
+    for (int64_t j = 0; j < nblocks; ++j) {
       const int64_t w = j * rows + r;
       bad |= overflow[w] != 0;
       count += above[w];
@@ -301,7 +342,7 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
     }
     std::vector<uint32_t> keys;
     keys.reserve(inside_n);
-    for (int64_t j = 0; j < blocks; ++j) {
+    for (int64_t j = 0; j < nblocks; ++j) {
       auto& v = inside[j * rows + r];
       keys.insert(keys.end(), v.begin(), v.end());
       std::vector<uint32_t>().swap(v);
@@ -311,30 +352,62 @@ ffi::Error KthAbsDiff(ffi::ThreadPool& pool, const T* a, const T* b, int64_t row
     const uint32_t key = keys[rank];
     std::memcpy(&out[r], &key, 4);
   }
-  ParallelFor(pool, rows, 0, [&](int64_t r) {
+  ParallelFor(pool, rows, helpers, [&](int64_t r) {
     if (!redo[r]) return;
-    const uint32_t key = RadixKth(a + r * n, b, n, k);
+    const uint32_t key = RadixKth(c, r, k);
     std::memcpy(&out[r], &key, 4);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error KthAbsDiffImpl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+template <typename T>
+ffi::Error KthAbsDiffTyped(ffi::ThreadPool& pool, const ffi::RemainingArgs& args, int64_t rows,
+                           int64_t k, bool radix_only, float* out) {
+  Concat<T> c;
+  c.start.push_back(0);
+  for (size_t i = 0; i < args.size(); i += 2) {
+    auto a = args.get<ffi::AnyBuffer>(i);
+    auto b = args.get<ffi::AnyBuffer>(i + 1);
+    if (!a.has_value() || !b.has_value())
+      return ffi::Error::InvalidArgument("kth_abs_diff: bad operand");
+    const int64_t n = static_cast<int64_t>(b->element_count());
+    c.leaves.push_back({reinterpret_cast<const T*>(a->untyped_data()),
+                        reinterpret_cast<const T*>(b->untyped_data()), n});
+    c.start.push_back(c.start.back() + n);
+  }
+  if (k < 1 || k > c.total()) return ffi::Error::InvalidArgument("kth_abs_diff: k out of range");
+  return KthAbsDiff(pool, c, rows, k, radix_only, out);
+}
+
+// Operands: pairs (a_i, b_i), a_i (T, n_i) and b_i (n_i,), one dtype (float32 or bfloat16)
+// for all; the k-th largest |a_t - b| over the entries of all pairs, per row t.
+ffi::Error KthAbsDiffImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
                           ffi::ResultBuffer<ffi::F32> out, int64_t k, int64_t radix_only) {
-  const auto da = a.dimensions(), db = b.dimensions();
-  if (da.size() != 2 || db.size() != 1 || da[1] != db[0])
-    return ffi::Error::InvalidArgument("kth_abs_diff: expected a (T, n) and b (n,)");
-  if (a.element_type() != b.element_type())
-    return ffi::Error::InvalidArgument("kth_abs_diff: a and b must share a dtype");
-  const int64_t rows = da[0], n = da[1];
-  if (k < 1 || k > n) return ffi::Error::InvalidArgument("kth_abs_diff: k out of [1, n]");
+  if (args.size() == 0 || args.size() % 2)
+    return ffi::Error::InvalidArgument("kth_abs_diff: expected pairs (a_i, b_i)");
+  auto first = args.get<ffi::AnyBuffer>(0);
+  if (!first.has_value()) return ffi::Error::InvalidArgument("kth_abs_diff: bad operand");
+  const ffi::DataType dtype = first->element_type();
+  const auto d0 = first->dimensions();
+  if (d0.size() != 2) return ffi::Error::InvalidArgument("kth_abs_diff: a_i must be (T, n_i)");
+  const int64_t rows = d0[0];
+  for (size_t i = 0; i < args.size(); i += 2) {
+    auto a = args.get<ffi::AnyBuffer>(i);
+    auto b = args.get<ffi::AnyBuffer>(i + 1);
+    if (!a.has_value() || !b.has_value())
+      return ffi::Error::InvalidArgument("kth_abs_diff: bad operand");
+    const auto da = a->dimensions(), db = b->dimensions();
+    if (da.size() != 2 || db.size() != 1 || da[0] != rows || da[1] != db[0])
+      return ffi::Error::InvalidArgument("kth_abs_diff: expected a_i (T, n_i), b_i (n_i,)");
+    if (a->element_type() != dtype || b->element_type() != dtype)
+      return ffi::Error::InvalidArgument("kth_abs_diff: all operands must share a dtype");
+  }
   float* o = out->typed_data();
-  switch (a.element_type()) {
+  switch (dtype) {
     case ffi::DataType::F32:
-      return KthAbsDiff(pool, a.typed_data<float>(), b.typed_data<float>(), rows, n, k, radix_only != 0, o);
+      return KthAbsDiffTyped<float>(pool, args, rows, k, radix_only != 0, o);
     case ffi::DataType::BF16:
-      return KthAbsDiff(pool, a.reinterpret_data<uint16_t>(), b.reinterpret_data<uint16_t>(),
-                        rows, n, k, radix_only != 0, o);
+      return KthAbsDiffTyped<uint16_t>(pool, args, rows, k, radix_only != 0, o);
     default:
       return ffi::Error::InvalidArgument("kth_abs_diff: float32 or bfloat16 inputs only");
   }
@@ -352,8 +425,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JmergeHistogram, HistogramImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JmergeKthAbsDiff, KthAbsDiffImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("radix_only"));

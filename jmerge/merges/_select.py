@@ -50,7 +50,12 @@ from jax.sharding import PartitionSpec
 
 from jmerge.sharding import explicit_sharding
 
-__all__ = ["kth_largest", "kth_largest_abs_diff", "kth_largest_over"]
+__all__ = [
+    "kth_largest",
+    "kth_largest_abs_diff",
+    "kth_largest_abs_diff_over",
+    "kth_largest_over",
+]
 
 _MAX_DIGIT = 16  # bits decided per pass: histograms of at most 65536 bins
 
@@ -295,6 +300,11 @@ def kth_largest(x: jax.Array, k: int) -> jax.Array:
 
 
 _ABS_DIFF_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+
+def _pairs(flat: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    """(a_0, b_0, a_1, b_1, ...) -> [(a_0, b_0), (a_1, b_1), ...]."""
+    return list(zip(flat[::2], flat[1::2], strict=True))
 _RADIX_ONLY = False  # tests: the kernel's fallback (two histogram passes) for every row
 
 
@@ -305,19 +315,16 @@ def kth_largest_abs_diff(
 
     ``a`` has shape ``(T, *s)`` and ``b`` shape ``s``; both are widened to their compute
     dtype first (bf16/fp16 → float32, as :func:`jmerge.merges.basic.task_vectors`). Equal to
-    ``kth_largest_over([abs(a − b[None])], k, batch_ndim=1)``, i.e. to ``lax.top_k``'s k-th value
-    bit for bit, XLA's flushing of denormals included. This is TIES's per-tensor threshold
-    κ_t of the task vectors τ_t = θ_t − θ0 (Yadav et al. 2023, §3.1).
-
-    On CPU, for float32 or bfloat16 inputs of one dtype, the CPU kernel ``jmerge_kth_abs_diff``
-    (``jmerge._kernels``) computes it in one pass over ``a`` instead of materialising the
-    task vectors' magnitudes and making two histogram passes (:func:`_use_cpu_kernel` says
-    where; ``kernel`` forces it on or off); elsewhere :func:`kth_largest` on the magnitudes.
+    ``kth_largest_over([abs(a − b[None])], k, batch_ndim=1)``, i.e. to ``lax.top_k``'s k-th
+    value bit for bit, XLA's flushing of denormals included. This is TIES's per-tensor
+    threshold κ_t of the task vectors τ_t = θ_t − θ0 (Yadav et al. 2023, §3.1). One pair of
+    :func:`kth_largest_abs_diff_over`, which says how it is computed.
 
     Args:
       a: ``(T, *s)`` float array (the models θ_t).
       b: ``s`` float array (θ0).
       k: static int, ``1 <= k <= prod(s)``.
+      kernel: force the CPU kernel on (True) or off (False); None: :func:`_use_cpu_kernel`.
 
     Returns:
       ``(T,)`` in the compute dtype.
@@ -325,39 +332,81 @@ def kth_largest_abs_diff(
     Raises:
       ValueError: shapes that do not match or k out of range.
     """
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    if a.ndim < 1 or a.shape[1:] != b.shape:
-        raise ValueError(f"expected a of shape (T, *s) and b of shape s; got {a.shape}, {b.shape}.")
-    n = math.prod(b.shape)
+    return kth_largest_abs_diff_over([(a, b)], k, kernel=kernel)
+
+
+def kth_largest_abs_diff_over(
+    pairs: Sequence[tuple[jax.Array, jax.Array]], k: int, *, kernel: bool | None = None
+) -> jax.Array:
+    """The k-th largest of |a_t − b| over the entries of all pairs (a, b) together, per t.
+
+    Each pair is ``a`` of shape ``(T, *s_i)`` (the same T for all) and ``b`` of shape ``s_i``,
+    widened to the compute dtype. Equal to ``kth_largest_over([abs(a − b[None]) for a, b in
+    pairs], k, batch_ndim=1)``: TIES's global threshold over a model's leaves (the paper's
+    code) when the pairs are (θ_t leaf, θ0 leaf).
+
+    On CPU, when every array is float32 or every one bfloat16, the CPU kernel
+    ``jmerge_kth_abs_diff`` (``jmerge._kernels``) computes it in one pass over the models
+    (a 16384-entry sample brackets the value, the entries inside the bracket are selected
+    exactly, radix select where the bracket misses) instead of materialising the magnitudes
+    and making two histogram passes; :func:`_use_cpu_kernel` says where (``kernel`` forces
+    it on or off). Elsewhere :func:`kth_largest_over` on the magnitudes.
+
+    Args:
+      pairs: non-empty sequence of (a, b).
+      k: static int, ``1 <= k <= Σ_i prod(s_i)``.
+      kernel: as in :func:`kth_largest_abs_diff`.
+
+    Returns:
+      ``(T,)`` in the compute dtype.
+
+    Raises:
+      ValueError: no pairs, shapes that do not match or k out of range.
+    """
+    pairs = [(jnp.asarray(a), jnp.asarray(b)) for a, b in pairs]
+    if not pairs:
+        raise ValueError("kth_largest_abs_diff_over needs at least one (a, b) pair.")
+    rows = pairs[0][0].shape[:1]
+    for i, (a, b) in enumerate(pairs):
+        if a.ndim < 1 or a.shape[1:] != b.shape or a.shape[:1] != rows:
+            raise ValueError(
+                f"pair {i}: expected a of shape (T, *s) with T = {rows[0] if rows else '?'} "
+                f"and b of shape s; got {a.shape}, {b.shape}."
+            )
+    n = sum(math.prod(b.shape) for _, b in pairs)
     if not isinstance(k, int | np.integer) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, {n}] (the number of entries); got {k!r}.")
     from jmerge.tree import compute_dtype
 
-    wd = compute_dtype(jnp.result_type(a, b))
+    wd = compute_dtype(jnp.result_type(*(x for pair in pairs for x in pair)))
+    live = [(a, b) for a, b in pairs if b.size]
 
-    def generic(a, b):
+    def generic(*flat):
         # No reshape: flattening an array sharded on a minor axis would gather it.
-        mags = jnp.abs(a.astype(wd) - b.astype(wd)[None])
-        return kth_largest_over([mags], k, batch_ndim=1)
+        mags = [jnp.abs(a.astype(wd) - b.astype(wd)[None]) for a, b in _pairs(flat)]
+        return kth_largest_over(mags, k, batch_ndim=1)
 
+    flat = [x for pair in live for x in pair]
+    dtypes = {np.dtype(x.dtype) for x in flat}
     use = (
-        a.dtype == b.dtype
-        and np.dtype(a.dtype) in _ABS_DIFF_DTYPES
-        and a.shape[0] > 0
-        and n > 0
-        and _use_cpu_kernel(a, kernel)
+        len(dtypes) == 1
+        and dtypes <= set(_ABS_DIFF_DTYPES)
+        and rows[0] > 0
+        and _use_cpu_kernel(flat[0], kernel)
     )
     if not use:
-        return generic(a, b)
+        return generic(*flat)
     from jmerge._kernels import kth_abs_diff_target
 
-    def cpu(a, b):
+    def cpu(*flat):
         call = jax.ffi.ffi_call(
             kth_abs_diff_target(),
-            jax.ShapeDtypeStruct((a.shape[0],), jnp.float32),
+            jax.ShapeDtypeStruct((rows[0],), jnp.float32),
             vmap_method="sequential",
         )
-        return call(a.reshape(a.shape[0], n), b.reshape(n), k=np.int64(k),
-                    radix_only=np.int64(_RADIX_ONLY))
+        operands = []
+        for a, b in _pairs(flat):
+            operands += [a.reshape(rows[0], b.size), b.reshape(b.size)]
+        return call(*operands, k=np.int64(k), radix_only=np.int64(_RADIX_ONLY))
 
-    return jax.lax.platform_dependent(a, b, cpu=cpu, default=generic)
+    return jax.lax.platform_dependent(*flat, cpu=cpu, default=generic)

@@ -42,7 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmerge.merges._common import check_result, model_sum, per_model, prepare, select
-from jmerge.merges._select import kth_largest_abs_diff, kth_largest_over
+from jmerge.merges._select import (
+    kth_largest_abs_diff,
+    kth_largest_abs_diff_over,
+    kth_largest_over,
+)
 from jmerge.merges.basic import Models, _keep, _task_vectors
 from jmerge.sharding import explicit_sharding
 from jmerge.tree import LeafFilter, compute_dtype, is_traced, require
@@ -305,18 +309,18 @@ def _add_to(pretrained: PyTree, update: PyTree) -> PyTree:
 
 def _ties_thresholds(pretrained: PyTree, stacked: PyTree, density: float, scope: str) -> PyTree:
     """κ_t per leaf, (T,) each (:func:`trim_topk`), from θ0 and the models: per tensor by
-    :func:`kth_largest_abs_diff` (one pass over the models on CPU, no task vector
-    materialised), over the whole model by :func:`kth_largest_over` of the leaves' |τ_t|."""
+    :func:`kth_largest_abs_diff`, over the whole model by :func:`kth_largest_abs_diff_over`
+    of all leaves (on CPU one pass over the models, no task vector materialised)."""
     if scope == "tensor":
 
         def leaf(p, s):
             return kth_largest_abs_diff(s, p, _num_kept(density, p.size)) if p.size else None
 
         return jax.tree_util.tree_map(leaf, pretrained, stacked)
-    tvs = jax.tree_util.tree_leaves(_task_vectors(pretrained, stacked))
-    n = sum(math.prod(x.shape[1:]) for x in tvs)
-    mags = [jnp.abs(x) for x in tvs if x.size]
-    thr = kth_largest_over(mags, _num_kept(density, n), batch_ndim=1) if mags else None
+    pairs = [(s, p) for p, s in zip(jax.tree_util.tree_leaves(pretrained),
+                                    jax.tree_util.tree_leaves(stacked), strict=True) if p.size]
+    n = sum(p.size for _, p in pairs)
+    thr = kth_largest_abs_diff_over(pairs, _num_kept(density, n)) if pairs else None
     return jax.tree_util.tree_map(lambda p: thr if p.size else None, pretrained)
 
 
