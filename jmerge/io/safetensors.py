@@ -792,6 +792,7 @@ class _DirectFile:
 
     def __init__(self, fd: int, path: Path, size: int):
         self.fd, self.path, self.size = fd, path, size
+        self.buffered = False  # after an EINVAL from an O_DIRECT write
         self.done = 0
         self.partial: dict[int, tuple[bytearray, int]] = {}
         self.buf = _aligned_buffer(_DIRECT_CHUNK)
@@ -812,8 +813,22 @@ class _DirectFile:
     def _pwrite(self, data, offset: int) -> None:
         view = memoryview(data)
         while view.nbytes:
-            n = os.pwrite(self.fd, view, offset)
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as e:
+                # A filesystem that takes O_DIRECT at open but wants another alignment:
+                # go on through the page cache (what was written stays; blocks still held
+                # are written as they are completed).
+                if e.errno != errno.EINVAL or self.buffered:
+                    raise
+                self._reopen_buffered()
+                continue
             view, offset = view[n:], offset + n
+
+    def _reopen_buffered(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        os.close(self.fd)
+        self.fd, self.buffered = fd, True
 
     def _block(self, offset: int, data: np.ndarray) -> None:
         """Bytes inside one block: into its buffer; written when the block is complete."""

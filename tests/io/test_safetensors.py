@@ -266,6 +266,49 @@ def test_direct_io_shard_any_order(tmp_path_factory, sizes, order_seed):
         np.testing.assert_array_equal(got[n].view(np.uint8), x.view(np.uint8))
 
 
+def test_direct_io_falls_back_when_a_write_wants_another_alignment(tmp_path, monkeypatch):
+    """A filesystem that accepts O_DIRECT at open but rejects the writes (EINVAL, e.g. a
+    larger block size): the shard is finished through the page cache, every byte right.
+    The rejection is simulated (os.pwrite raises EINVAL on the O_DIRECT descriptor)."""
+    import errno
+
+    from jmerge.io import safetensors as st_mod
+
+    probe = tmp_path / "probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        pytest.skip("no O_DIRECT on this filesystem")
+    monkeypatch.setattr(st_mod, "_DIRECT_CHUNK", 8192)
+    real = os.pwrite
+    direct_fds = set()
+    real_open = st_mod._DirectFile.open.__func__
+
+    def spy_open(cls, path, size):
+        f = real_open(cls, path, size)
+        if f is not None:
+            direct_fds.add(f.fd)
+        return f
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(st_mod._DirectFile, "open", classmethod(spy_open))
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    rng = np.random.default_rng(2)
+    flat = {f"t{i}": rng.normal(size=3001 + 7 * i).astype(np.float32) for i in range(4)}
+    out = tmp_path / "ckpt"
+    with jio.ShardedWriter(out, plan=[(n, x.shape, x.dtype) for n, x in flat.items()]) as w:
+        for n in reversed(list(flat)):
+            w.add(n, flat[n])
+    assert direct_fds  # the O_DIRECT path was taken, then left
+    got = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    for n, x in flat.items():
+        np.testing.assert_array_equal(got[n], x)
+
+
 def test_writer_casts_floats_and_checks_plan(tmp_path):
     plan = [("a", (2, 3), BF16), ("n", (2,), np.int32)]
     x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
