@@ -11,16 +11,18 @@
 // blocks counted in parallel on XLA's intra-op thread pool (one scratch histogram per block,
 // summed at the end). Counts are exact; a row must have fewer than 2^31 entries.
 //
-// 2. `JmergeKthAbsDiff`: for a (T, n) and b (n,) (float32, or bfloat16 widened to float32),
-// the k-th largest of |a_t - b| for every t, (T,) float32, with XLA:CPU's arithmetic
-// (denormal inputs read as zero, denormal differences flushed to zero), so it equals
-// lax.top_k(abs(a - b), k)[0][:, k-1] computed by XLA bit for bit. One pass over the data:
-// a sample of each row (16384 entries, one per stratum) brackets the k-th value, the pass counts the
-// entries above the bracket and collects those inside it, and the k-th is selected among the
-// collected ones (std::nth_element). If the bracket misses (the count says the k-th lies
-// outside it, or more entries fell inside than the buffer allows) the row is done again by
-// radix select (two histogram passes over 16-bit digits of the float's bits): exact always,
-// one pass almost always.
+// 2. `JmergeKthAbsDiff`: for pairs (a_i, b_i), a_i (T, n_i) and b_i (n_i,) (all float32, or
+// all bfloat16 widened to float32), the k-th largest of |a_it - b_i| over the entries of all
+// pairs, for every t: (T,) float32. One pair is TIES's per-tensor threshold, all the leaves
+// of a model its global one. The arithmetic is XLA:CPU's (denormal inputs read as zero,
+// denormal differences flushed to zero), so the value equals lax.top_k of the concatenated
+// |a - b| computed by XLA, bit for bit. One pass over the data: a sample of each row (16384
+// entries, one per stratum) brackets the k-th value, the pass counts the entries above the
+// bracket and collects those inside it, and the k-th is selected among the collected ones
+// (std::nth_element). If the bracket misses (the count says the k-th lies outside it, or more
+// entries fell inside than the buffer allows) the row is done again by radix select (two
+// histogram passes over 16-bit digits of the float's bits): exact always, one pass almost
+// always.
 //
 // Threading: blocks are claimed from an atomic counter by the calling thread and by tasks
 // scheduled on the pool. The caller only waits for blocks another thread has already
@@ -30,16 +32,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
-
-#include <cmath>
-#include <cfloat>
 
 #include "xla/ffi/api/ffi.h"
 
