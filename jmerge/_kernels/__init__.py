@@ -6,20 +6,20 @@ exact k-th-magnitude selection of TIES, breadcrumbs, DELLA and the streaming fil
 2.5-3.5 ns per entry. ``select.cc`` holds two XLA FFI handlers (:func:`jax.ffi.ffi_call`):
 
 * ``jmerge_histogram``: that histogram, about 8x faster on the project's 2-core CPU;
-* ``jmerge_kth_abs_diff``: the k-th largest |θ_t − θ0| per model in one pass over the
-  models (a sample brackets the value; the entries inside the bracket are selected exactly),
-  used by :func:`jmerge.ties`'s per-tensor trim.
+* ``jmerge_kth_abs_diff``: the k-th largest |θ_t − θ0| per model, over one leaf or all of a
+  model's leaves, in one pass over the models (a sample brackets the value; the entries
+  inside the bracket are selected exactly), used by :func:`jmerge.ties`'s trim (both scopes).
 
 GPU and TPU keep XLA's scatter-add (``jax.lax.platform_dependent``).
 
-The kernel is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
-against jaxlib's FFI headers (:func:`jax.ffi.include_dir`) into
-``$JMERGE_KERNEL_CACHE`` (default ``~/.cache/jmerge/kernels``), keyed by the source, the
-jaxlib version and the compiler, and written atomically (compiled to a temporary name, then
-renamed), so concurrent processes never load a half-written library. Where no compiler is
-found or the build fails, a :class:`RuntimeWarning` says why once and the pure-XLA path is
-used; results are the same either way (exact integer counts). ``JMERGE_CPU_KERNELS=0``
-turns the kernel off.
+The library is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``;
+``-O3 -march=native``, retried without ``-march=native``) against jaxlib's FFI headers
+(:func:`jax.ffi.include_dir`) into ``$JMERGE_KERNEL_CACHE`` (default
+``~/.cache/jmerge/kernels``), keyed by the source, the jaxlib version, the compiler and the
+CPU, and written atomically (compiled to a temporary name, then renamed), so concurrent
+processes never load a half-written library. Where no compiler is found or the build fails,
+a :class:`RuntimeWarning` says why once and the pure-XLA path is used; results are the same
+either way (both paths are exact). ``JMERGE_CPU_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
