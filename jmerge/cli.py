@@ -78,27 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--compile-cache", default=None, metavar="DIR",
         help="JAX's persistent compilation cache: the merge's few XLA programs are compiled "
-             "once and reused by later merges of the same shapes (default: "
-             "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/jmerge/xla; 'none' turns it off)")
+             "once and reused by later merges of the same shapes (default for the jmerge "
+             "command: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/jmerge/xla; 'none' turns it "
+             "off)")
     return parser
 
 
-def _compile_cache(arg: str | None) -> None:
-    """Point JAX's persistent compilation cache at ``arg`` (or the default), caching every
-    program however fast it compiled: a file merge compiles a handful of small programs
-    (0.8 s of a 4.5 s TIES merge, measured), the same ones for every model of one shape."""
+def _compile_cache(arg: str | None, default: bool) -> None:
+    """Point JAX's persistent compilation cache at ``arg`` (or, when ``default``, at
+    ``$JAX_COMPILATION_CACHE_DIR`` or ``~/.cache/jmerge/xla``), caching every program however
+    fast it compiled: a file merge compiles a handful of small programs (0.8 s of a 4.5 s TIES
+    merge, measured), the same ones for every model of one shape.
+
+    The programs go to a subdirectory per jax version and ``XLA_FLAGS`` (JAX leaves some
+    flags, such as the forced host device count, out of its cache key). Only the ``jmerge``
+    command (a process of its own) turns the cache on by default: ``main()`` called from
+    Python leaves the caller's JAX configuration alone unless ``--compile-cache`` is given.
+    """
+    import hashlib
+
     import jax
 
-    path = arg or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        Path.home() / ".cache" / "jmerge" / "xla")
-    if path.lower() == "none":
+    path = arg or (default and (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                                or str(Path.home() / ".cache" / "jmerge" / "xla")))
+    if not path or path.lower() == "none":
         return
-    jax.config.update("jax_compilation_cache_dir", path)
+    tag = hashlib.sha256(f"{jax.__version__}|{os.environ.get('XLA_FLAGS', '')}".encode())
+    jax.config.update("jax_compilation_cache_dir", str(Path(path) / tag.hexdigest()[:12]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> int:
+    """Run ``jmerge`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+    ``compile_cache``: turn JAX's persistent compilation cache on without ``--compile-cache``
+    (what the ``jmerge`` command does; :func:`_compile_cache`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -109,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jmerge.io._memory import reuse_freed_memory
     from jmerge.io.streaming import merge_checkpoints
 
-    _compile_cache(args.compile_cache)
+    _compile_cache(args.compile_cache, default=compile_cache)
     reuse_freed_memory()  # same-sized buffers per tensor: reuse them, no page faults
     gc.freeze()  # the objects of the imports are never collected: no GC passes over them
     try:
@@ -131,5 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The ``jmerge`` command: :func:`main` in a process of its own, with the compilation
+    cache on by default."""
+    return main(compile_cache=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

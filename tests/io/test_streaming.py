@@ -351,6 +351,26 @@ def test_cli_merge_prints_summary(family, tmp_path, capsys):
     assert "task_arithmetic" in text and SafetensorsCheckpoint(tmp_path / "out").names
 
 
+def test_compile_cache_only_for_the_command_or_when_asked(family, tmp_path):
+    """``main()`` called in-process leaves JAX's persistent-cache setting alone (a test run
+    or a notebook keeps its configuration); ``--compile-cache DIR`` stores the merge's
+    programs under DIR, in a subdirectory per jax version and XLA_FLAGS."""
+    root, base, fts = family
+    cfg = _write(tmp_path / "ta.yaml", _ta(base, fts))
+    before = jax.config.jax_compilation_cache_dir
+    assert cli_main(["merge", str(cfg), "-o", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert jax.config.jax_compilation_cache_dir == before
+    cache = tmp_path / "xla"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jmerge.cli", "merge", str(cfg), "-o", str(tmp_path / "b"),
+         "--no-progress", "--compile-cache", str(cache)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    subdirs = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(subdirs) == 1 and any(subdirs[0].iterdir())
+
+
 @pytest.mark.parametrize("direct", [False, True])
 def test_full_disk_during_merge_keeps_previous_output(family, tmp_path, direct):
     """Tensors are written by a background thread while the next one merges: a write error
