@@ -134,14 +134,18 @@ def trim_topk(tvs: chex.ArrayTree, density: float, *, scope: str = "tensor") -> 
     return _trim_topk(tvs, density=density, scope=scope)
 
 
+def _keep_at_least(x: jax.Array, thr: jax.Array) -> jax.Array:
+    """The trim: x where |x| ≥ thr (broadcast, cast to x's dtype), else 0."""
+    return jnp.where(jnp.abs(x) >= thr.astype(x.dtype), x, jnp.zeros_like(x))
+
+
 @partial(jax.jit, static_argnames=("density", "scope"))
 def _trim_topk(tvs: PyTree, *, density: float, scope: str) -> PyTree:
     if not jax.tree_util.tree_leaves(tvs):
         return tvs
 
     def keep_above(x, thr):
-        thr = thr.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        return jnp.where(jnp.abs(x) >= thr, x, jnp.zeros_like(x))
+        return _keep_at_least(x, thr.reshape((-1,) + (1,) * (x.ndim - 1)))
 
     def threshold(leaves):
         n = sum(math.prod(x.shape[1:]) for x in leaves)
@@ -253,11 +257,13 @@ def _drop_and_rescale(tvs: PyTree, density: Any, key: jax.Array) -> PyTree:
     if not jax.tree_util.tree_leaves(tvs):
         return tvs
 
-    def leaf(u, x):
-        keep = u < jnp.asarray(density, u.dtype)
-        return jnp.where(keep, x / jnp.asarray(density, x.dtype), jnp.zeros_like(x))
+    return jax.tree_util.tree_map(partial(_drop, density=density), _uniforms(key, tvs), tvs)
 
-    return jax.tree_util.tree_map(leaf, _uniforms(key, tvs), tvs)
+
+def _drop(u: jax.Array, x: jax.Array, density: Any) -> jax.Array:
+    """DARE on entries with uniforms u: x / p where u < p, else 0 (p = ``density``)."""
+    keep = u < jnp.asarray(density, u.dtype)
+    return jnp.where(keep, x / jnp.asarray(density, x.dtype), jnp.zeros_like(x))
 
 
 def elect_sign(tvs: chex.ArrayTree) -> chex.ArrayTree:
@@ -269,9 +275,29 @@ def elect_sign(tvs: chex.ArrayTree) -> chex.ArrayTree:
     return _elect_sign(tvs)
 
 
+def _slices(x: jax.Array) -> list[jax.Array]:
+    return [x[t] for t in range(x.shape[0])]
+
+
+def _elect(tvs: list[jax.Array]) -> jax.Array:
+    """γ = sgn(Σ_t τ_t) of one leaf's per-model slices, summed as a chain of adds
+    (:func:`jmerge.merges._common.model_sum`'s order)."""
+    return jnp.sign(functools.reduce(jnp.add, tvs))
+
+
+def _agreeing_mean(tvs: list[jax.Array], sign: jax.Array) -> jax.Array:
+    """Σ_{t ∈ A} τ_t / |A| of one leaf's per-model slices, A = {t : τ_t ≠ 0, sgn(τ_t) = γ}."""
+    agree = [(jnp.sign(x) == sign.astype(x.dtype)) & (x != 0) for x in tvs]
+    total = functools.reduce(
+        jnp.add, [jnp.where(a, x, jnp.zeros_like(x)) for a, x in zip(agree, tvs, strict=True)]
+    )
+    count = functools.reduce(jnp.add, [a.astype(jnp.int32) for a in agree])
+    return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
 @jax.jit
 def _elect_sign(tvs: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x: jnp.sign(model_sum(x)), tvs)
+    return jax.tree_util.tree_map(lambda x: _elect(_slices(x)), tvs)
 
 
 def disjoint_mean(tvs: chex.ArrayTree, sign: chex.ArrayTree) -> chex.ArrayTree:
@@ -291,13 +317,7 @@ def disjoint_mean(tvs: chex.ArrayTree, sign: chex.ArrayTree) -> chex.ArrayTree:
 
 @jax.jit
 def _disjoint_mean(tvs: PyTree, sign: PyTree) -> PyTree:
-    def leaf(x, g):
-        agree = (jnp.sign(x) == g[None].astype(x.dtype)) & (x != 0)
-        total = model_sum(jnp.where(agree, x, jnp.zeros_like(x)))
-        count = model_sum(agree.astype(jnp.int32))
-        return total / jnp.maximum(count, 1).astype(x.dtype)
-
-    return jax.tree_util.tree_map(leaf, tvs, sign)
+    return jax.tree_util.tree_map(lambda x, g: _agreeing_mean(_slices(x), g), tvs, sign)
 
 
 def _add_to(pretrained: PyTree, update: PyTree) -> PyTree:
@@ -332,13 +352,8 @@ def _elect_merge_leaf(p: jax.Array, s: jax.Array, sparsify, alpha: jax.Array) ->
     read it)."""
     wd = compute_dtype(jnp.result_type(p, s))
     base = p.astype(wd)
-    trimmed = [sparsify(t, s[t].astype(wd) - base) for t in range(s.shape[0])]
-    sign = jnp.sign(functools.reduce(jnp.add, trimmed))
-    agree = [(jnp.sign(x) == sign) & (x != 0) for x in trimmed]
-    total = functools.reduce(jnp.add, [jnp.where(a, x, jnp.zeros_like(x))
-                                       for a, x in zip(agree, trimmed, strict=True)])
-    count = functools.reduce(jnp.add, [a.astype(jnp.int32) for a in agree])
-    merged = total / jnp.maximum(count, 1).astype(wd)
+    trimmed = [sparsify(t, x.astype(wd) - base) for t, x in enumerate(_slices(s))]
+    merged = _agreeing_mean(trimmed, _elect(trimmed))
     return (base + alpha.astype(wd) * merged).astype(p.dtype)
 
 
@@ -347,10 +362,7 @@ def _ties_leaf(p: jax.Array, s: jax.Array, thr: jax.Array | None, alpha: jax.Arr
     if thr is None:
         return p
 
-    def trim(t, x):
-        return jnp.where(jnp.abs(x) >= thr[t].astype(x.dtype), x, jnp.zeros_like(x))
-
-    return _elect_merge_leaf(p, s, trim, alpha)
+    return _elect_merge_leaf(p, s, lambda t, x: _keep_at_least(x, thr[t]), alpha)
 
 
 @partial(jax.jit, static_argnames=("density", "scope"))
@@ -462,11 +474,7 @@ def _dare_ties_kernel(pretrained, stacked, alpha, density, key):
     uniforms = _uniforms(key, stacked)
 
     def leaf(p, s, u):
-        def drop(t, x):
-            keep = u[t] < jnp.asarray(density, u.dtype)
-            return jnp.where(keep, x / jnp.asarray(density, x.dtype), jnp.zeros_like(x))
-
-        return _elect_merge_leaf(p, s, drop, alpha)
+        return _elect_merge_leaf(p, s, lambda t, x: _drop(u[t], x, density), alpha)
 
     return jax.tree_util.tree_map(leaf, pretrained, stacked, uniforms)
 
