@@ -518,13 +518,12 @@ def _padded_size(n: int) -> int:
     return _CHUNK if n >= _CHUNK else max(1024, 1 << (n - 1).bit_length())
 
 
-def _chunk_mags(base, stack, valid, select_dtype):
-    """|δ| = |θ_t − θ0| of a chunk's models rounded to ``select_dtype`` (as mergekit ranks
-    them), (N, *lanes), and the mask of the chunk's first ``valid`` entries, ``lanes``."""
-    wd = jnp.promote_types(select_dtype, jnp.float32)
-    mag = jnp.abs(stack.astype(wd) - base.astype(wd)[None]).astype(select_dtype)
-    live = jnp.arange(base.size).reshape(base.shape) < valid
-    return mag, live
+def _chunk_delta(base, stack, valid, dtype):
+    """|δ| = |θ_t − θ0| of a chunk's models in ``dtype``'s compute dtype, (N, *lanes), and
+    the mask of the chunk's first ``valid`` entries (the rest is padding), ``lanes``."""
+    wd = jnp.promote_types(dtype, jnp.float32)
+    delta = jnp.abs(stack.astype(wd) - base.astype(wd)[None])
+    return delta, jnp.arange(base.size).reshape(base.shape) < valid
 
 
 @partial(jax.jit, static_argnames=("shift", "width", "filtered", "select_dtype"))
@@ -536,8 +535,8 @@ def _chunk_histogram(base, stack, valid, prefixes, *, shift, width, filtered, se
     returns (N, J, 2^width) int32, counted by the CPU kernel (``jmerge._kernels``)."""
     from jmerge.merges._select import _histogram, _to_key
 
-    mag, live = _chunk_mags(base, stack, valid, select_dtype)
-    key = _to_key(mag)
+    delta, live = _chunk_delta(base, stack, valid, select_dtype)
+    key = _to_key(delta.astype(select_dtype))  # ranked in the checkpoint dtype, as mergekit
     kd = key.dtype
     bins = 1 << width
     digit = ((key >> np.array(shift, kd)) & np.array(bins - 1, kd)).astype(jnp.int32)
@@ -554,9 +553,8 @@ def _chunk_histogram(base, stack, valid, prefixes, *, shift, width, filtered, se
 def _chunk_l1(base, stack, valid, lo, hi, *, select_dtype):
     """Per model (Σ|δ|, Σ_{lo ≤ |δ| ≤ hi} |δ|) over the chunk's first ``valid`` entries,
     float32 (N,) each; ``lo``, ``hi`` (N,)."""
-    wd = jnp.promote_types(select_dtype, jnp.float32)
-    delta = jnp.abs(stack.astype(wd) - base.astype(wd)[None])
-    mag, live = _chunk_mags(base, stack, valid, select_dtype)
+    delta, live = _chunk_delta(base, stack, valid, select_dtype)
+    mag = delta.astype(select_dtype)
     bound = (slice(None),) + (None,) * base.ndim
     kept = live & (mag >= lo[bound]) & (mag <= hi[bound])
     axes = tuple(range(1, stack.ndim))
@@ -685,9 +683,7 @@ def _chunk_random_l1(base, stack, valid, density, key, start):
     as the merge draws them (:func:`jmerge.merges.mergekit.uniforms`); float32 (N,) each."""
     from jmerge.merges.mergekit import uniforms
 
-    wd = jnp.promote_types(stack.dtype, jnp.float32)
-    delta = jnp.abs(stack.astype(wd) - base.astype(wd)[None])
-    live = (jnp.arange(base.size).reshape(base.shape) < valid)[None]
+    delta, live = _chunk_delta(base, stack, valid, stack.dtype)
     bound = (slice(None),) + (None,) * base.ndim
     keep = live & (uniforms(key, delta.shape, start) < density[bound])
     axes = tuple(range(1, stack.ndim))
@@ -791,17 +787,14 @@ def _input_chunks(config: MergeConfig, by_ref: Mapping, n: int, *, masks=None):
     regions = {ref: file_region(by_ref[ref]) for ref in config.inputs}
     fds = {path: os.open(path, os.O_RDONLY) for path, _ in filter(None, regions.values())}
 
-    def copy(buf, source, start, stop):
-        buf[: stop - start] = source[start:stop]
-        if stop - start < size:
-            buf[stop - start :] = 0
-
-    def fill(buf, ref, start, stop):
-        region = regions[ref]
+    def fill(buf, source, start, stop, region=None):
+        """Entries [start, stop) of ``source`` into ``buf`` (read with pread from ``region``,
+        the tensor's place in its file, when given), zeros past ``stop``."""
         if region is None:
-            return copy(buf, flat[ref], start, stop)
-        path, offset = region
-        _pread_into(fds[path], buf[: stop - start], offset + start * flat[ref].itemsize, path)
+            buf[: stop - start] = source[start:stop]
+        else:
+            path, offset = region
+            _pread_into(fds[path], buf[: stop - start], offset + start * source.itemsize, path)
         if stop - start < size:
             buf[stop - start :] = 0
 
@@ -810,17 +803,17 @@ def _input_chunks(config: MergeConfig, by_ref: Mapping, n: int, *, masks=None):
             stop = min(start + size, n)
             stack_buf, mask_buf, base_buf = pool[i % sets]
             for row, ref in zip(stack_buf, config.stack, strict=True):
-                fill(row, ref, start, stop)
+                fill(row, flat[ref], start, stop, regions[ref])
             stack = jax.device_put(stack_buf.reshape(len(config.stack), *lanes), may_alias=True)
             base = None
             if base_buf is not None:
-                fill(base_buf, config.base, start, stop)
+                fill(base_buf, flat[config.base], start, stop, regions[config.base])
                 base = jax.device_put(base_buf.reshape(lanes), may_alias=True)
             if mask_buf is None:
                 yield start, stop, base, stack
                 continue
             for row, m in zip(mask_buf, masks, strict=True):
-                copy(row, m, start, stop)
+                fill(row, m, start, stop)
             yield start, stop, base, stack, jax.device_put(
                 mask_buf.reshape(len(masks), *lanes), may_alias=True)
     finally:
@@ -941,9 +934,9 @@ class _Background:
     """Runs ``fn(*args)`` calls one at a time in a thread, at most one in flight: each call
     first waits for the previous one and raises its error, if any. The merge loop runs two:
     :func:`_touch` on the next tensor's inputs (their pages are read while the current tensor
-    merges), and ``ShardedWriter.add``, so that copying tensor i into the page cache (a third
-    of a task arithmetic merge's time, measured with ``perf``) overlaps merging tensor i + 1;
-    memory grows by one output tensor. Leaving the ``with`` block waits for the call in flight
+    merges), and ``ShardedWriter.add``, so that writing tensor i (with O_DIRECT, or into the
+    page cache for small shards) overlaps merging tensor i + 1; memory grows by one output
+    tensor. Leaving the ``with`` block waits for the call in flight
     (re-raising its error unless another one is already propagating)."""
 
     def __init__(self, fn: Callable[..., Any]):
