@@ -100,7 +100,8 @@ def _digits(key_bits: int, n: int) -> list[int]:
 
 
 def _use_cpu_kernel(digit: jax.Array, kernel: bool | None) -> bool:
-    """Whether :func:`_histogram` may count with the CPU kernel (``jmerge._kernels``).
+    """Whether a selection may use the CPU kernels (``jmerge._kernels``): the histogram of
+    :func:`_histogram` and the one-pass k-th of :func:`kth_largest_abs_diff_over`.
 
     The kernel is an opaque custom call to XLA's partitioner, which would gather a sharded
     input to one device before it; so by default (``kernel=None``) it is used only where no
@@ -305,6 +306,8 @@ _ABS_DIFF_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 def _pairs(flat: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
     """(a_0, b_0, a_1, b_1, ...) -> [(a_0, b_0), (a_1, b_1), ...]."""
     return list(zip(flat[::2], flat[1::2], strict=True))
+
+
 _RADIX_ONLY = False  # tests: the kernel's fallback (two histogram passes) for every row
 
 
