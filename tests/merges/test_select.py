@@ -169,6 +169,21 @@ def test_bad_arguments():
         kth_largest_over([], 1, batch_ndim=0)
 
 
+def test_abs_diff_bad_arguments_name_the_pair():
+    from jmerge.merges._select import kth_largest_abs_diff, kth_largest_abs_diff_over
+
+    a, b = jnp.ones((3, 4, 5)), jnp.ones((4, 5))
+    with pytest.raises(ValueError, match=r"pair 0: expected a of shape \(T, \*s\).*\(4, 6\)"):
+        kth_largest_abs_diff(a, jnp.ones((4, 6)), 1)
+    with pytest.raises(ValueError, match=r"pair 1: .*T = 3.*\(2, 5\)"):
+        kth_largest_abs_diff_over([(a, b), (jnp.ones((2, 5)), jnp.ones(5))], 1)
+    for k in (0, 21, 2.0):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 20\]"):
+            kth_largest_abs_diff(a, b, k)
+    with pytest.raises(ValueError, match="at least one"):
+        kth_largest_abs_diff_over([], 1)
+
+
 def _gathers(text):
     """All-gathers / all-to-alls of a non-scalar array in compiled HLO text."""
     return [
