@@ -904,18 +904,17 @@ class _Shard:
         self.f = f if f is not None else open(self.path, "xb")  # noqa: SIM115
         self.f.write(self.header)
 
-    def write(self, name: str, x: np.ndarray) -> None:
+    def write(self, name: str, x: np.ndarray, start: int = 0) -> None:
+        """Write ``x`` as tensor ``name``'s entries from flat index ``start`` on."""
         if self.f is None and self.direct is None:
             self.open()
-        begin = len(self.header) + self.offsets[name]
+        begin = len(self.header) + self.offsets[name] + start * x.itemsize
         if self.direct is not None:
             self.direct.pwrite(x.reshape(-1).view(np.uint8), begin)
-            self.pending.discard(name)
             return
         assert self.f is not None
         self.f.seek(begin)
         _write_array(self.f, x)
-        self.pending.discard(name)
         if x.nbytes >= _WRITEBACK_MIN:
             self.f.flush()
             _start_writeback(self.f.fileno(), begin, x.nbytes)
@@ -1056,6 +1055,7 @@ class ShardedWriter:
         self.out = self._stage.final
         self._done = False
         self._written: set[str] = set()
+        self._parts: dict[str, int] = {}  # add_part: entries added so far, per open tensor
         self._reserved = {f"{filename}.index.json"}
         if self._specs is not None:
             groups = _split(list(self._specs.values()), self.max_shard_size)
@@ -1109,10 +1109,11 @@ class ShardedWriter:
                 spec = self._specs.get(name)
                 if spec is None:
                     raise ValueError(f"tensor {name!r} is not in the plan.")
-                shard = self._shard_of[name]
-                shard.write(name, _host(spec, array))
-                if not shard.pending:
-                    shard.finish()
+                if name in self._parts:
+                    raise ValueError(f"tensor {name!r}: {self._parts[name]} of "
+                                     f"{math.prod(spec.shape)} entries were added with "
+                                     "add_part.")
+                self._write(spec, _host(spec, array), 0)
             else:
                 x = np.asarray(jax.device_get(array), order="C")
                 spec = _spec(name, x.shape, x.dtype)
@@ -1127,6 +1128,56 @@ class ShardedWriter:
             self.abort()
             raise describe(e, self.out, name) from e
         self._written.add(name)
+
+    def add_part(self, name: str, start: int, array: Any) -> None:
+        """Write entries ``[start, start + array.size)`` of tensor ``name`` (flat, C order):
+        a tensor streamed in pieces, with a plan only. Parts come in order: ``start`` is the
+        number of entries added so far (the first part has ``start=0``); the tensor is added
+        when its last entry is. A floating part is cast to the planned dtype, as in
+        :meth:`add`.
+
+        Raises:
+          ValueError: no plan; ``name`` not in the plan or already added; ``start`` is not the
+            count added so far, or the part runs past the tensor's end; a non-floating dtype
+            that differs. The error names the tensor.
+          OSError: as :meth:`add`.
+        """
+        if self._done:
+            raise RuntimeError(f"ShardedWriter({self.out}) is closed.")
+        if self._specs is None:
+            raise ValueError("add_part needs a plan (ShardedWriter(..., plan=...)).")
+        spec = self._specs.get(name)
+        if spec is None:
+            raise ValueError(f"tensor {name!r} is not in the plan.")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} was already added.")
+        done, size = self._parts.get(name, 0), math.prod(spec.shape)
+        x = np.asarray(jax.device_get(array)).reshape(-1)
+        if start != done or done + x.size > size:
+            raise ValueError(
+                f"tensor {name!r}: a part of entries [{start}, {start + x.size}); expected one "
+                f"starting at {done} and ending by {size} (parts come in order)."
+            )
+        part = _host(_Spec(name, (x.size,), spec.dtype), x)
+        try:
+            self._write(spec, part, start, complete=done + x.size == size)
+        except OSError as e:
+            self.abort()
+            raise describe(e, self.out, name) from e
+        if done + x.size == size:
+            self._parts.pop(name, None)
+            self._written.add(name)
+        else:
+            self._parts[name] = done + x.size
+
+    def _write(self, spec: _Spec, x: np.ndarray, start: int, complete: bool = True) -> None:
+        """Planned mode: ``x`` at entry ``start`` of ``spec``; finish its shard when done."""
+        shard = self._shard_of[spec.name]
+        shard.write(spec.name, x, start)
+        if complete:
+            shard.pending.discard(spec.name)
+            if not shard.pending:
+                shard.finish()
 
     def _flush_free(self) -> None:
         """No-plan mode: make the current shard's file (header + a copy of its data file)."""

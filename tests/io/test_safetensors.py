@@ -266,6 +266,83 @@ def test_direct_io_shard_any_order(tmp_path_factory, sizes, order_seed):
         np.testing.assert_array_equal(got[n].view(np.uint8), x.view(np.uint8))
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6000), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+    direct=st.booleans(),
+)
+def test_add_part_streams_tensors_in_pieces(tmp_path_factory, sizes, seed, direct):
+    """Tensors written in random pieces with add_part, the tensors interleaved at random
+    (through O_DIRECT with the threshold lowered, or the page cache): the official loader reads
+    back every byte, and float32 pieces are rounded to the planned bf16 as a whole tensor is."""
+    from jmerge.io import safetensors as st_mod
+
+    out = tmp_path_factory.mktemp("p") / "ckpt"
+    rng = np.random.default_rng(seed)
+    flat = {f"t{i}": rng.normal(size=(n,)).astype(np.float32) for i, n in enumerate(sizes)}
+    plan = [(n, (x.size,), BF16 if i % 2 else np.float32)
+            for i, (n, x) in enumerate(flat.items())]
+    cuts = {n: sorted({0, x.size, *rng.integers(0, x.size, size=3).tolist()})
+            for n, x in flat.items()}
+    left = {n: list(zip(c, c[1:])) for n, c in cuts.items()}  # each tensor's parts, in order
+    mixed = []
+    while left:
+        n = sorted(left)[rng.integers(len(left))]  # the tensors interleaved at random
+        mixed.append((n, *left[n].pop(0)))
+        if not left[n]:
+            del left[n]
+    old = st_mod._DIRECT_CHUNK
+    st_mod._DIRECT_CHUNK = 8192 if direct else old
+    try:
+        with jio.ShardedWriter(out, plan=plan, max_shard_size=20000) as w:
+            for n, a, b in mixed:
+                w.add_part(n, a, flat[n][a:b])
+    finally:
+        st_mod._DIRECT_CHUNK = old
+    got = {}
+    for f in out.glob("*.safetensors"):
+        got.update(safetensors.numpy.load_file(str(f)))
+    assert got.keys() == flat.keys()
+    for (n, x), (_, _, dtype) in zip(flat.items(), plan, strict=True):
+        np.testing.assert_array_equal(got[n].view(np.uint8), x.astype(dtype).view(np.uint8))
+
+
+def test_add_part_errors(tmp_path):
+    plan = [("a", (2, 3), BF16), ("n", (4,), np.int32)]
+    with jio.ShardedWriter(tmp_path / "o", plan=plan) as w:
+        with pytest.raises(ValueError, match="'a': a part of entries \\[2, 4\\); expected one "
+                                             "starting at 0 and ending by 6"):
+            w.add_part("a", 2, np.zeros(2, np.float32))
+        w.add_part("a", 0, np.zeros(4, np.float32))
+        with pytest.raises(ValueError, match="'a': a part of entries \\[4, 7\\)"):
+            w.add_part("a", 4, np.zeros(3, np.float32))  # runs past the end
+        with pytest.raises(ValueError, match="'a': 4 of 6 entries were added with add_part"):
+            w.add("a", np.zeros((2, 3), np.float32))
+        with pytest.raises(ValueError, match="'n' has dtype float32, planned int32"):
+            w.add_part("n", 0, np.zeros(4, np.float32))
+        with pytest.raises(ValueError, match="'zz' is not in the plan"):
+            w.add_part("zz", 0, np.zeros(1))
+        w.add_part("a", 4, np.ones(2, np.float32))
+        with pytest.raises(ValueError, match="'a' was already added"):
+            w.add_part("a", 6, np.zeros(0, np.float32))
+        w.add_part("n", 0, np.arange(4, dtype=np.int32))
+    ckpt = jio.SafetensorsCheckpoint(tmp_path / "o")
+    np.testing.assert_array_equal(np.asarray(ckpt.get("a"), np.float32),
+                                  [[0, 0, 0], [0, 1, 1]])
+    np.testing.assert_array_equal(ckpt.get("n"), np.arange(4))
+    with (jio.ShardedWriter(tmp_path / "free") as w,
+          pytest.raises(ValueError, match="add_part needs a plan")):
+        w.add_part("a", 0, np.zeros(1))
+
+
+def test_add_part_incomplete_tensor_commits_nothing(tmp_path):
+    with pytest.raises(jio.CheckpointError, match="never added: 'a'"), \
+            jio.ShardedWriter(tmp_path / "o", plan=[("a", (5,), np.float32)]) as w:
+        w.add_part("a", 0, np.zeros(3, np.float32))
+    assert not (tmp_path / "o").exists()
+
+
 def test_direct_io_falls_back_when_a_write_wants_another_alignment(tmp_path, monkeypatch):
     """A filesystem that accepts O_DIRECT at open but rejects the writes (EINVAL, e.g. a
     larger block size): the shard is finished through the page cache, every byte right.
