@@ -20,7 +20,12 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from jmerge.config import METHODS, ConfigError
+if "numpy" not in sys.modules:  # the jmerge command's own process, before NumPy loads
+    # The merges run in XLA; OpenBLAS's idle threads, started with NumPy, only took CPU from
+    # them (6% of a task-arithmetic merge's samples were in blas_thread_server, under perf).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from jmerge.config import METHODS, ConfigError  # noqa: E402
 from jmerge.merges.mergekit import REQUIRED
 
 __all__ = ["main", "build_parser", "methods_help"]

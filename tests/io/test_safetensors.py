@@ -3,6 +3,7 @@ the Hugging Face shard/index layout, zero-copy memory maps, and corrupt files.
 
 Files for the corruption tests are built byte by byte here (not by jmerge's writer)."""
 
+import itertools
 import json
 import math
 import os
@@ -285,7 +286,8 @@ def test_add_part_streams_tensors_in_pieces(tmp_path_factory, sizes, seed, direc
             for i, (n, x) in enumerate(flat.items())]
     cuts = {n: sorted({0, x.size, *rng.integers(0, x.size, size=3).tolist()})
             for n, x in flat.items()}
-    left = {n: list(zip(c, c[1:])) for n, c in cuts.items()}  # each tensor's parts, in order
+    # each tensor's parts, in order
+    left = {n: list(itertools.pairwise(c)) for n, c in cuts.items()}
     mixed = []
     while left:
         n = sorted(left)[rng.integers(len(left))]  # the tensors interleaved at random

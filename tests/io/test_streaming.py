@@ -51,7 +51,14 @@ def _f32(ckpt, name):
     return np.asarray(ckpt.get(name), np.float32)
 
 
-def test_task_arithmetic_with_layer_gradient_matches_numpy(family, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 2048])
+def test_task_arithmetic_with_layer_gradient_matches_numpy(family, tmp_path, monkeypatch, chunk):
+    """Also with 2048-entry chunks, so that the reader thread (streaming._ChunkFeed) runs
+    ahead across chunk and tensor boundaries and its buffer sets are reused many times."""
+    from jmerge.io import streaming
+
+    if chunk is not None:
+        monkeypatch.setattr(streaming, "_CHUNK", chunk)
     root, base, fts = family
     cfg = _write(tmp_path / "ta.yaml", {
         "merge_method": "task_arithmetic",
@@ -397,6 +404,65 @@ def test_full_disk_during_merge_keeps_previous_output(family, tmp_path, direct):
     assert "file size limit" in proc.stderr and str(out) in proc.stderr, proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def _threads_left():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("jmerge-")
+            and t.name != "jmerge-peak-memory"]
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_non_finite_result_names_tensor_and_writes_nothing(tmp_path, monkeypatch, method):
+    """An Inf in the middle chunk of one model's tensor: the merge stops with an error naming
+    the tensor, the previous output is left as it was, and the reader and writer threads end."""
+    from jmerge.io import streaming
+    from jmerge.io.safetensors import file_region
+
+    monkeypatch.setattr(streaming, "_CHUNK", 2048)
+    base, fts = write_family(tmp_path, SMALL, num_models=3)
+    cfg = _write(tmp_path / "m.yaml", _ta(base, fts) | {"merge_method": method})
+    out = tmp_path / "out"
+    merge_checkpoints(cfg, out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ckpt = SafetensorsCheckpoint(fts[1])
+    name = max(ckpt.names, key=lambda n: math.prod(ckpt.shape(n)))
+    assert math.prod(ckpt.shape(name)) > 3 * 2048
+    path, offset = file_region(ckpt.get(name))
+    with open(path, "r+b") as f:
+        f.seek(offset + 2 * (2048 + 5))  # bf16 entry 2053: the second chunk
+        f.write(np.array([np.inf], BF16).tobytes())
+    with pytest.raises(FloatingPointError, match=f"{re.escape(repr(name))} has NaN or Inf"):
+        merge_checkpoints(cfg, out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _threads_left() == []
+
+
+def test_input_truncated_during_merge_is_named(tmp_path, monkeypatch):
+    """A checkpoint file cut short after the plan checked it (another process rewriting it):
+    the reader thread's error reaches the caller naming the file, nothing is written, and the
+    threads end."""
+    from jmerge.io import streaming
+
+    monkeypatch.setattr(streaming, "_CHUNK", 2048)
+    base, fts = write_family(tmp_path, SMALL, num_models=3)
+    cfg = _write(tmp_path / "ta.yaml", _ta(base, fts))
+    victim = max(fts[2].glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    real_plan = streaming.plan_merge
+
+    def plan_then_truncate(config):
+        plan = real_plan(config)
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+        return plan
+
+    monkeypatch.setattr(streaming, "plan_merge", plan_then_truncate)
+    with pytest.raises(jmerge.io.CheckpointError, match=f"{re.escape(str(victim))}: truncated"):
+        merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert _threads_left() == []
 
 
 def test_cli_errors_exit_2_and_write_nothing(family, tmp_path, capsys):
