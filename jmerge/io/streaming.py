@@ -11,12 +11,16 @@ mergekit's YAML) over checkpoint directories and writes a Hugging Face checkpoin
    ``gradient_matching``, ``mats``, ``regmean``) also open each model's curvature file
    (:mod:`jmerge.io.curvature_files`) and check it covers the tensors. Every problem raises
    before any output exists, naming the model, the file and the tensor.
-2. **Merge**, tensor by tensor in file order: the inputs are zero-copy ``np.memmap`` views
-   (page cache, not the process's own memory); while tensor i is merged, a thread touches the
-   pages of tensor i+1 so that the disk read overlaps the computation. Each result is cast to
-   the output dtype and written straight to its place in its shard
-   (:class:`jmerge.io.ShardedWriter` with a plan). The process's own (anonymous) memory stays
-   about (inputs + 2) × the largest tensor, however large the checkpoints.
+2. **Merge**, tensor by tensor in file order: the inputs are ``np.memmap`` views of the files
+   (page cache, not the process's own memory), read with ``pread`` in chunks of 1M entries
+   into reused aligned buffers that XLA reads in place; while tensor i is merged, the next
+   tensor's pages are read ahead (``posix_fadvise``), and for the elementwise methods a
+   reader thread fills the next chunks' buffers (:class:`_ChunkFeed`). Each merged chunk, in
+   the output dtype, goes to a writer thread that puts it straight into its place in its shard
+   (:meth:`jmerge.io.ShardedWriter.add_part`, ``O_DIRECT`` for large shards). The
+   process's own (anonymous) memory stays about (inputs + 2) × the largest tensor (the
+   selecting methods) or a few chunks (the elementwise ones), however large the
+   checkpoints.
 3. **Commit**: ``config.json`` (``torch_dtype`` set to the output dtype) and the tokenizer files
    of the donor (or ``tokenizer_source``) are copied into the staging directory, which then
    replaces ``out`` atomically: an error or a kill at any point leaves the previous ``out`` or
