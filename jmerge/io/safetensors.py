@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -525,6 +526,7 @@ class SafetensorsCheckpoint:
         self.names: tuple[str, ...] = tuple(self._where)
         self.metadata: dict[str, str] = dict(headers[0].metadata) if headers else {}
         self._maps: dict[int, np.memmap] = {}
+        self._maps_lock = threading.Lock()  # get() runs in the streaming reader thread too
 
     def _entry(self, name: str) -> tuple[int, _Entry]:
         try:
@@ -565,17 +567,18 @@ class SafetensorsCheckpoint:
             out = np.empty(e.shape, e.dtype)
             out.flags.writeable = False
             return out
-        mm = self._maps.get(i)
-        if mm is None:
-            if h.path.stat().st_size < h.data_start + h.data_size:
-                raise CheckpointError(
-                    f"{h.path}: truncated since it was opened; cannot read tensor {name!r}."
-                )
-            mm = np.memmap(h.path, np.uint8, "r", offset=h.data_start, shape=(h.data_size,))
-            self._maps[i] = mm
-            _MAPPED[mm.ctypes.data] = (h.path, h.data_start, h.data_size)
-            # Forget the address when the mapping goes (views keep it alive until then).
-            weakref.finalize(mm, _MAPPED.pop, mm.ctypes.data, None)
+        with self._maps_lock:
+            mm = self._maps.get(i)
+            if mm is None:
+                if h.path.stat().st_size < h.data_start + h.data_size:
+                    raise CheckpointError(
+                        f"{h.path}: truncated since it was opened; cannot read tensor {name!r}."
+                    )
+                mm = np.memmap(h.path, np.uint8, "r", offset=h.data_start, shape=(h.data_size,))
+                self._maps[i] = mm
+                _MAPPED[mm.ctypes.data] = (h.path, h.data_start, h.data_size)
+                # Forget the address when the mapping goes (views keep it alive until then).
+                weakref.finalize(mm, _MAPPED.pop, mm.ctypes.data, None)
         return mm[e.begin : e.end].view(np.ndarray).view(e.dtype).reshape(e.shape)
 
     def __getitem__(self, name: str) -> np.ndarray:
