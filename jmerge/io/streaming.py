@@ -1017,6 +1017,9 @@ def _merge_parts(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays
     ``start`` on (output dtype), in order; the elementwise and sparsifying methods yield
     chunks (:func:`_merge_chunked`), the others the whole tensor once."""
     config = plan.config
+    if math.prod(t.shape) == 0:  # nothing to merge, but the writer still needs the tensor
+        yield 0, np.empty(t.shape, t.dtype), True
+        return
     params = resolve_parameters(config, t.name, plan.num_layers)
     by_ref = dict(zip(config.inputs, arrays, strict=True))
     if config.merge_method in _ELEMENTWISE:

@@ -406,6 +406,50 @@ def test_full_disk_during_merge_keeps_previous_output(family, tmp_path, direct):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties"])
+def test_zero_size_scalar_and_odd_tensors(tmp_path, monkeypatch, method):
+    """Tensors with no entries, a scalar and lengths that are not a multiple of the chunk are
+    merged and written (each tensor exactly once) as numpy computes them, chunked or not."""
+    from jmerge.io import streaming
+
+    monkeypatch.setattr(streaming, "_CHUNK", 2048)
+    rng = np.random.default_rng(0)
+    shapes = {"a.empty": (0, 4), "b.odd": (3, 1701), "c.scalar": (), "d.small": (5,)}
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        save_safetensors({k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()},
+                         d)
+        dirs.append(d)
+    params = {"weight": 0.5} | ({"density": 1.0} if "ties" in method else {})
+    cfg = _write(tmp_path / "m.yaml", {
+        "merge_method": method,
+        "models": [{"model": str(d), "parameters": params} for d in dirs[1:]],
+        "parameters": {"normalize": False} if method == "linear" else {},
+    } | ({} if method == "linear" else {"base_model": str(dirs[0])}))
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    out = SafetensorsCheckpoint(tmp_path / "out")
+    m = [SafetensorsCheckpoint(d) for d in dirs]
+    assert sorted(out.names) == sorted(shapes)
+    for name, shape in shapes.items():
+        x0, *xs = (np.asarray(c.get(name), np.float64) for c in m)
+        deltas = np.stack([x - x0 for x in xs])
+        if method == "linear":
+            want = 0.5 * sum(xs)
+        elif method == "task_arithmetic":
+            want = x0 + 0.5 * deltas.sum(0)
+        else:  # the whole tensor at once (density 1: DARE's masks drop nothing)
+            from jmerge.merges.mergekit import merge_tensor
+
+            want = np.asarray(merge_tensor(
+                method, jnp.asarray(x0, jnp.float32), jnp.asarray(np.stack(xs), jnp.float32),
+                {"weight": np.full(2, 0.5), "density": np.ones(2)}, {},
+                key=streaming._key_for(0, name) if method == "dare_ties" else None))
+        got = np.asarray(out.get(name))
+        assert got.shape == shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def _threads_left():
     import threading
 
