@@ -1098,9 +1098,10 @@ class _Background:
     tensor merges), and ``ShardedWriter.add_part`` (depth 3), so that writing (with O_DIRECT,
     or into the page cache for small shards) overlaps merging and a slow write does not stall
     the merge at once (measured with depth 1: the merging thread waited 0.15-0.18 s of a 0.7 s
-    task-arithmetic merge for the writer); memory grows by up to ``depth`` pieces.
-    :meth:`wait` waits for every call made so far. Leaving the ``with`` block waits too
-    (re-raising the error unless another one is already propagating) and ends the thread."""
+    task-arithmetic merge for the writer); memory grows by up to ``depth`` chunks (the merge
+    loop lets one whole tensor at a time in). :meth:`wait` waits for every call made so far.
+    Leaving the ``with`` block waits too (re-raising the error unless another one is already
+    propagating) and ends the thread."""
 
     def __init__(self, fn: Callable[..., Any], depth: int = 1):
         self._fn = fn
@@ -1262,8 +1263,10 @@ def merge_checkpoints(
                                 f"{plan.config.merge_method}: the merged tensor {t.name!r} has "
                                 "NaN or Inf entries; nothing was written."
                             )
-                        # in a thread, while the next piece merges
-                        write(t.name, begin, np.asarray(jax.device_get(piece)))
+                        piece = np.asarray(jax.device_get(piece))
+                        if piece.size > _CHUNK:  # a whole tensor: one in flight at most, so
+                            write.wait()  # memory stays (inputs + 2) × the largest tensor
+                        write(t.name, begin, piece)  # in a thread, while the next one merges
                         del piece
                     written += math.prod(t.shape) * t.dtype.itemsize
                     bar.update(t.nbytes_in)
