@@ -37,6 +37,7 @@ over the curvature files, so a streamed merge equals the in-memory merge of the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -245,6 +246,12 @@ def _num_layers(hf_config: Mapping, names: Sequence[str]) -> int:
 def _out_dtype(config: MergeConfig, dtype: np.dtype) -> np.dtype:
     name = config.out_dtype or config.dtype
     return _DTYPES[name] if name else np.dtype(dtype)
+
+
+def _common_dtype(dtypes) -> np.dtype:
+    """The dtype that holds every one of ``dtypes`` (JAX's promotion lattice, which NumPy lacks
+    for bf16 with fp16: float32); float64 stays float64."""
+    return np.dtype(functools.reduce(jnp.promote_types, dtypes))
 
 
 def plan_merge(config: str | os.PathLike | Mapping | MergeConfig) -> MergePlan:
@@ -634,7 +641,7 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool
     method = config.merge_method
     spec, kind = METHODS[method], _GTA_KIND[method]
     n = math.prod(t.shape)
-    select_dtype = np.result_type(*(np.asarray(by_ref[r]).dtype for r in config.inputs))
+    select_dtype = _common_dtype(np.asarray(by_ref[r]).dtype for r in config.inputs)
     rescale = bool(params.global_.get("rescale", spec.global_["rescale"].default))
 
     def per_model(name, i):
@@ -661,7 +668,7 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool
         ])
 
     lo, hi = _bounds_from_ranks(ranks, kth, select_dtype, xp=np)
-    wd = np.promote_types(select_dtype, np.float32)
+    wd = _common_dtype([select_dtype, np.float32])
     if not rescale:
         return (lo, hi), jnp.ones(len(config.stack), wd)
     before, after = np.zeros(len(config.stack)), np.zeros(len(config.stack))
@@ -719,7 +726,7 @@ def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, 
         before += np.asarray(s0, np.float64)
         after += np.asarray(s1, np.float64)
     dtypes = [np.asarray(by_ref[r]).dtype for r in config.inputs]
-    wd = np.promote_types(np.result_type(*dtypes), np.float32)
+    wd = _common_dtype([*dtypes, np.float32])
     return jnp.asarray(_l1_factors(before, after).astype(wd))
 
 
@@ -784,7 +791,7 @@ def _input_chunks(config: MergeConfig, by_ref: Mapping, n: int, *, masks=None, p
     size = _padded_size(n)
     lanes = (size // _LANES, _LANES) if size % _LANES == 0 else (size,)
     flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
-    stack_dtype = np.result_type(*(flat[ref].dtype for ref in config.stack))
+    stack_dtype = _common_dtype(flat[ref].dtype for ref in config.stack)
     base_dtype = None if config.base is None else flat[config.base].dtype
     sets = 2 if n > size else 1
 
@@ -856,8 +863,8 @@ def _fill(buf: np.ndarray, source: np.ndarray, start: int, stop: int, region=Non
           fds: _Descriptors | None = None) -> None:
     """Entries [start, stop) of the flat ``source`` into ``buf``, zeros past ``stop``: read
     with pread from ``region`` (the tensor's place in its file, opened through ``fds``) when
-    given, else copied."""
-    if region is None:
+    given and the dtypes agree, else copied (and cast: models stored in different dtypes)."""
+    if region is None or source.dtype != buf.dtype:
         buf[: stop - start] = source[start:stop]
     else:
         path, offset = region
@@ -888,11 +895,12 @@ class _ChunkFeed:
         self._n_stack = len(config.stack)
         widths = [0]
         for t in plan.tensors:
-            itemsize = {ref: plan.checkpoints[ref].dtype(src).itemsize
-                        for ref, src in zip(config.inputs, t.sources, strict=True)}
+            dtype = {ref: plan.checkpoints[ref].dtype(src)
+                     for ref, src in zip(config.inputs, t.sources, strict=True)}
             size = _padded_size(math.prod(t.shape))
-            stack = max(itemsize[ref] for ref in config.stack) * size * self._n_stack
-            base = 0 if config.base is None else itemsize[config.base] * size
+            stack = (_common_dtype(dtype[ref] for ref in config.stack).itemsize * size
+                     * self._n_stack)
+            base = 0 if config.base is None else dtype[config.base].itemsize * size
             widths.append(-(-stack // _ALIGN) * _ALIGN + base)
         self._sets = [_aligned_zeros((max(widths),), np.uint8) for _ in range(self._DEPTH)]
         self._free = threading.Semaphore(self._DEPTH)
@@ -910,7 +918,7 @@ class _ChunkFeed:
         self._free.release()
         self._thread.join()
 
-    def _views(self, raw: np.ndarray, size: int, stack_dtype, base_dtype):
+    def _layout(self, raw: np.ndarray, size: int, stack_dtype, base_dtype):
         lanes = (size // _LANES, _LANES) if size % _LANES == 0 else (size,)
         nbytes = self._n_stack * size * stack_dtype.itemsize
         stack = raw[:nbytes].view(stack_dtype).reshape(self._n_stack, size)
@@ -927,7 +935,7 @@ class _ChunkFeed:
                 flat = {ref: np.asarray(a).reshape(-1)
                         for ref, a in zip(config.inputs, _views(self._plan, t), strict=True)}
                 regions = {ref: _region(a) for ref, a in flat.items()}
-                stack_dtype = np.result_type(*(flat[ref].dtype for ref in config.stack))
+                stack_dtype = _common_dtype(flat[ref].dtype for ref in config.stack)
                 base_dtype = None if config.base is None else flat[config.base].dtype
                 n = math.prod(t.shape)
                 size = _padded_size(n)
@@ -936,8 +944,8 @@ class _ChunkFeed:
                     if self._stop.is_set():
                         return
                     stop = min(start + size, n)
-                    stack, base, lanes = self._views(self._sets[i % self._DEPTH], size,
-                                                     stack_dtype, base_dtype)
+                    stack, base, lanes = self._layout(self._sets[i % self._DEPTH], size,
+                                                      stack_dtype, base_dtype)
                     for row, ref in zip(stack, config.stack, strict=True):
                         _fill(row, flat[ref], start, stop, regions[ref], fds)
                     if base is not None:

@@ -450,6 +450,47 @@ def test_zero_size_scalar_and_odd_tensors(tmp_path, monkeypatch, method):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("chunk", [None, 2048])
+@pytest.mark.parametrize("dtypes", [(BF16, np.float16, np.float32), (np.float32, BF16, np.float16)])
+def test_models_stored_in_different_dtypes(tmp_path, monkeypatch, method, chunk, dtypes):
+    """Base and models stored in different dtypes (mergekit casts them all): every input is
+    read as its own dtype (not its bytes read as another's), chunked or not, and bf16 with
+    fp16 models are stacked as float32 (NumPy has no common type for them); task arithmetic
+    is checked against numpy, the others against the whole-tensor merge of the float32
+    values."""
+    from jmerge.io import streaming
+    from jmerge.merges.mergekit import merge_tensor
+
+    if chunk is not None:
+        monkeypatch.setattr(streaming, "_CHUNK", chunk)
+    rng = np.random.default_rng(1)
+    dirs = []
+    for i, dt in enumerate(dtypes):
+        d = tmp_path / f"m{i}"
+        save_safetensors({"w": rng.normal(size=(3, 2001)).astype(dt),
+                          "v": rng.normal(size=(7,)).astype(dt)}, d)
+        dirs.append(d)
+    params = {"weight": 0.5} | ({"density": 0.6} if "ties" in method else {})
+    cfg = _write(tmp_path / "m.yaml", {
+        "merge_method": method, "base_model": str(dirs[0]), "dtype": "float32",
+        "models": [{"model": str(d), "parameters": params} for d in dirs[1:]]})
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    out = SafetensorsCheckpoint(tmp_path / "out")
+    m = [SafetensorsCheckpoint(d) for d in dirs]
+    for name in ("w", "v"):
+        x0, *xs = (np.asarray(c.get(name), np.float32) for c in m)
+        if method == "task_arithmetic":
+            want = x0 + 0.5 * ((xs[0] - x0) + (xs[1] - x0))
+        else:
+            want = np.asarray(merge_tensor(
+                method, jnp.asarray(x0), jnp.asarray(np.stack(xs)),
+                {"weight": np.full(2, 0.5), "density": np.full(2, 0.6)}, {},
+                key=streaming._key_for(0, name) if method == "dare_ties" else None))
+        np.testing.assert_allclose(np.asarray(out.get(name), np.float32), want, rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
 def _threads_left():
     import threading
 
