@@ -7,7 +7,8 @@ principled merges mergekit lacks (``fisher``, ``regmean``, ``mats``, ``gradient_
 which read curvature files next to each model (:mod:`jmerge.io.curvature_files`).
 
 Exit status: 0 on success, 2 for a usage or configuration error (nothing written), 1 for an
-error during the merge (nothing written either: the output is committed atomically at the end).
+error during the merge, 130 when interrupted (Ctrl-C) (nothing written either: the output is
+committed atomically at the end).
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def main(argv: Sequence[str] | None = None, *, compile_cache: bool = False) -> i
         print(f"jmerge: merge failed: {e}", file=sys.stderr)
         print("jmerge: nothing was written.", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the staging directory is gone, the output untouched
+        print("jmerge: interrupted; nothing was written.", file=sys.stderr)
+        return 130
     print(summary.format())
     return 0
 

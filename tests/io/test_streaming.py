@@ -550,6 +550,32 @@ def test_input_truncated_during_merge_is_named(tmp_path, monkeypatch):
     assert _threads_left() == []
 
 
+def test_ctrl_c_during_merge_exits_130_and_keeps_previous_output(family, tmp_path):
+    """SIGINT delivered to a real `jmerge merge` process while the writer thread writes its
+    first piece: exit status 130 with a one-line message (no traceback), the previous output
+    unchanged, no staging directory left, the threads stopped (the process exits)."""
+    root, base, fts = family
+    cfg = _write(tmp_path / "ta.yaml", _ta(base, fts))
+    out = tmp_path / "out"
+    assert cli_main(["merge", str(cfg), "-o", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code = (
+        "import os, signal, sys, time; from jmerge.cli import main; "
+        "import jmerge.io.safetensors as s; real = s.ShardedWriter.add_part\n"
+        "def add_part(self, *a):\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2); return real(self, *a)\n"
+        "s.ShardedWriter.add_part = add_part\n"
+        f"sys.exit(main(['merge', {str(cfg)!r}, '-o', {str(out)!r}, '--no-progress']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "interrupted; nothing was written" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
 def test_cli_errors_exit_2_and_write_nothing(family, tmp_path, capsys):
     root, base, fts = family
     cfg = _write(tmp_path / "bad.yaml", _ta(base, fts) | {"merge_method": "tie"})
