@@ -629,7 +629,8 @@ def _streamed_kth(chunks: Callable, n: int, wanted: Sequence[Sequence[int]],
     return [ps[: len(w)] for ps, w in zip(prefixes, wanted, strict=True)]
 
 
-def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool=None):
+def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool=None,
+               feed=None):
     """Each model's magnitude-selection bounds ((N,) lo, (N,) hi) and L1 factors (N,),
     computed over the whole tensor from chunks, every model from the same chunk
     (:func:`_streamed_kth`; the bounds from the ranks as the in-memory merge takes them,
@@ -649,7 +650,8 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool
         return float(np.asarray(params.per_model.get(name, [default] * len(config.stack))[i]))
 
     def chunks():
-        return _input_chunks(config, by_ref, n, pool=pool)
+        return (_input_chunks(config, by_ref, n, pool=pool) if feed is None
+                else feed.tensor(t.name, n))
 
     models = range(len(config.stack))
     densities = [per_model("density", i) for i in models]
@@ -708,7 +710,7 @@ def _chunk_random_l1(base, stack, valid, density, key, start):
 
 
 def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, key,
-                   pool=None):
+                   pool=None, feed=None):
     """DARE's L1 rescale factors ‖δ_t‖₁ / ‖m_t ⊙ δ_t‖₁ (mergekit
     sparsify.rescaled_masked_tensor) over the whole tensor, from one pass over its chunks;
     None when the method does not rescale."""
@@ -721,7 +723,9 @@ def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, 
     density = jnp.asarray(np.asarray(params.per_model["density"], np.float32))
     before = np.zeros(len(config.stack))
     after = np.zeros(len(config.stack))
-    for start, stop, base, stack in _input_chunks(config, by_ref, n, pool=pool):
+    chunks = (_input_chunks(config, by_ref, n, pool=pool) if feed is None
+              else feed.tensor(t.name, n))
+    for start, stop, base, stack in chunks:
         s0, s1 = _chunk_random_l1(base, stack, stop - start, density, key, start)
         before += np.asarray(s0, np.float64)
         after += np.asarray(s1, np.float64)
@@ -874,27 +878,30 @@ def _fill(buf: np.ndarray, source: np.ndarray, start: int, stop: int, region=Non
 
 
 class _ChunkFeed:
-    """Reads the chunks of every tensor of an elementwise merge, in plan order, in a thread
-    that runs ahead of the merge: the inputs of chunk i + 1 (of this tensor or the next one)
-    are read while chunk i is merged and chunk i − 1 written, so reading never waits for a
-    kernel or for the next tensor's turn (measured with reads on the merging thread: 0.18-0.37
-    s of a 0.74-0.98 s task-arithmetic merge of 4 × 713 MB had neither a read nor a write
-    running).
+    """Reads the chunks of every tensor, in plan order and as many times as the merge reads
+    them (:func:`_passes`), in a thread that runs ahead of the merge: the inputs of chunk
+    i + 1 (of this pass, the next one or the next tensor) are read while chunk i is merged
+    and chunk i − 1 written, so reading never waits for a kernel or for the next tensor's turn
+    (measured with reads on the merging thread: 0.18-0.37 s of a 0.74-0.98 s task-arithmetic
+    merge of 4 × 713 MB had neither a read nor a write running).
 
     Three buffer sets of the largest chunk's size rotate: the thread fills a set as soon as
-    one is released. :meth:`tensor` yields a tensor's chunks as :func:`_input_chunks` does,
-    under the same contract (asking for chunk i + 1 releases the buffers of chunk i − 1, whose
-    results the caller has collected). Used as a context manager: leaving it stops the thread;
-    a read error is raised by :meth:`tensor` in the merging thread."""
+    one is released. :meth:`tensor` yields one pass over a tensor's chunks as
+    :func:`_input_chunks` does, under the same contract (asking for chunk i + 1 releases the
+    buffers of chunk i − 1, whose results the caller has collected). Used as a context
+    manager: leaving it stops the thread; a read error is raised by :meth:`tensor` in the
+    merging thread."""
 
     _DEPTH = 3
+    _END = "end of the schedule"
 
     def __init__(self, plan: MergePlan):
         self._plan = plan
         config = plan.config
         self._n_stack = len(config.stack)
+        self._schedule = [(t, k) for t in plan.tensors if (k := _passes(plan, t))]
         widths = [0]
-        for t in plan.tensors:
+        for t, _ in self._schedule:
             dtype = {ref: plan.checkpoints[ref].dtype(src)
                      for ref, src in zip(config.inputs, t.sources, strict=True)}
             size = _padded_size(math.prod(t.shape))
@@ -931,7 +938,7 @@ class _ChunkFeed:
         config, fds = self._plan.config, _Descriptors()
         try:
             i = 0
-            for t in self._plan.tensors:
+            for t, passes in self._schedule:
                 flat = {ref: np.asarray(a).reshape(-1)
                         for ref, a in zip(config.inputs, _views(self._plan, t), strict=True)}
                 regions = {ref: _region(a) for ref, a in flat.items()}
@@ -939,7 +946,7 @@ class _ChunkFeed:
                 base_dtype = None if config.base is None else flat[config.base].dtype
                 n = math.prod(t.shape)
                 size = _padded_size(n)
-                for start in range(0, n, size):
+                for start in [s for _ in range(passes) for s in range(0, n, size)]:
                     self._free.acquire()
                     if self._stop.is_set():
                         return
@@ -952,14 +959,20 @@ class _ChunkFeed:
                         _fill(base, flat[config.base], start, stop, regions[config.base], fds)
                     self._ready.put((t.name, start, stop, lanes, stack, base))
                     i += 1
+            self._ready.put(self._END)
         except BaseException as e:  # noqa: BLE001 - raised in the merging thread
             self._ready.put(e)
         finally:
             fds.close()
 
     def tensor(self, name: str, n: int):
-        """Yields ``(start, stop, base, stack)`` for the chunks of tensor ``name`` (n
-        entries), which must be the next tensor of the plan."""
+        """Yields ``(start, stop, base, stack)`` for one pass over the chunks of tensor
+        ``name`` (n entries), which must be the next pass of the schedule.
+
+        Raises:
+          RuntimeError: the merge asks for another tensor, or more passes, than
+            :func:`_passes` scheduled (a bug, reported rather than merged wrongly).
+          The reader's error (e.g. :class:`CheckpointError` for a file cut short)."""
         stop = 0
         while stop < n:
             if self._taken >= 2:  # the caller has collected chunk taken − 2's results
@@ -967,10 +980,12 @@ class _ChunkFeed:
             item = self._ready.get()
             if isinstance(item, BaseException):
                 raise item
-            got, start, stop, lanes, stack, base = item
+            if item is self._END or item[0] != name:
+                got = "nothing more" if item is self._END else repr(item[0])
+                raise RuntimeError(f"chunk feed: read {got}, the merge wants {name!r} "
+                                   "(_passes and the merge disagree).")
+            _, start, stop, lanes, stack, base = item
             self._taken += 1
-            if got != name:  # pragma: no cover - the merge loop follows the plan
-                raise RuntimeError(f"chunk feed: read {got!r}, the merge wants {name!r}.")
             yield (start, stop,
                    None if base is None else jax.device_put(base.reshape(lanes), may_alias=True),
                    jax.device_put(stack.reshape(self._n_stack, *lanes), may_alias=True))
@@ -1019,6 +1034,34 @@ def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
         yield collect(*pending)
 
 
+def _passes(plan: MergePlan, t: TensorPlan) -> int:
+    """How many times :func:`_merge_parts` reads tensor t's chunks through a
+    :class:`_ChunkFeed` (the feed's schedule; 0 where it reads none, or reads them itself):
+    one merge pass, after the selection's radix passes (:func:`_streamed_kth`, one per digit)
+    and the L1 pass of a rescaling method. Must follow :func:`_merge_parts`,
+    :func:`_selection` and :func:`_random_scales`; a difference is an error there
+    (:meth:`_ChunkFeed.tensor`), never a wrong result."""
+    from jmerge.merges._select import _digits
+    from jmerge.merges.mergekit import METHODS, SELECTING
+
+    config, n = plan.config, math.prod(t.shape)
+    method = config.merge_method
+    if n == 0:
+        return 0
+    if method in _ELEMENTWISE:
+        return 1
+    if len(t.shape) == 0 or (method not in _HASHED and method not in SELECTING):
+        return 0
+    params = resolve_parameters(config, t.name, plan.num_layers)
+    rescale = int(bool(params.global_.get("rescale",
+                                          METHODS[method].global_["rescale"].default)))
+    if method in _HASHED:
+        return rescale + 1
+    dtype = _common_dtype(plan.checkpoints[ref].dtype(src)
+                          for ref, src in zip(config.inputs, t.sources, strict=True))
+    return len(_digits(8 * dtype.itemsize, n)) + rescale + 1
+
+
 def _merge_parts(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays, pool=None,
                  feed=None):
     """Yields ``(start, piece, finite)`` for one tensor: its merged entries from flat index
@@ -1037,13 +1080,14 @@ def _merge_parts(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays
 
     if config.merge_method in _HASHED and len(t.shape) > 0:
         key = _key_for(seed, t.name)
-        scales = _random_scales(config, t, by_ref, params, key, pool=pool)
-        yield from _merge_chunked(config, t, by_ref, params, scales=scales, key=key, pool=pool)
+        scales = _random_scales(config, t, by_ref, params, key, pool=pool, feed=feed)
+        yield from _merge_chunked(config, t, by_ref, params, scales=scales, key=key, pool=pool,
+                                  feed=feed)
         return
     if config.merge_method in SELECTING and len(t.shape) > 0:
-        bounds, scales = _selection(config, t, by_ref, params, pool=pool)
+        bounds, scales = _selection(config, t, by_ref, params, pool=pool, feed=feed)
         yield from _merge_chunked(config, t, by_ref, params, scales=scales, bounds=bounds,
-                                  pool=pool)
+                                  pool=pool, feed=feed)
         return
     if config.merge_method in _SPARSIFYING and len(t.shape) > 0:
         masks, scales = _sparsify(config, t, by_ref, params, seed)
@@ -1256,8 +1300,7 @@ def merge_checkpoints(
                     out, plan=layout, max_shard_size=max_shard_size, overwrite=overwrite))
                 write = stack.enter_context(_Background(writer.add_part, depth=3))
                 prefetch = stack.enter_context(_Background(_touch))
-                feed = (stack.enter_context(_ChunkFeed(plan))
-                        if plan.config.merge_method in _ELEMENTWISE else None)
+                feed = stack.enter_context(_ChunkFeed(plan))
                 views = _views(plan, plan.tensors[0]) if plan.tensors else []
                 pool: dict = {}  # chunk buffers, reused from tensor to tensor
                 for i, t in enumerate(plan.tensors):

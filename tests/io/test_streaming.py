@@ -524,6 +524,25 @@ def test_non_finite_result_names_tensor_and_writes_nothing(tmp_path, monkeypatch
     assert _threads_left() == []
 
 
+@pytest.mark.parametrize("off_by", [-1, 1])
+def test_reader_schedule_that_disagrees_with_the_merge_is_an_error(tmp_path, monkeypatch,
+                                                                     off_by):
+    """The reader thread reads each tensor as many times as streaming._passes says the merge
+    will; were the two to disagree (a bug), the merge stops with an error saying so (never a
+    result merged from another pass's chunks), writes nothing, and the threads end."""
+    from jmerge.io import streaming
+
+    monkeypatch.setattr(streaming, "_CHUNK", 2048)
+    real = streaming._passes
+    monkeypatch.setattr(streaming, "_passes", lambda plan, t: max(0, real(plan, t) + off_by))
+    base, fts = write_family(tmp_path, SMALL, num_models=3)
+    cfg = _write(tmp_path / "m.yaml", _ta(base, fts) | {"merge_method": "ties"})
+    with pytest.raises(RuntimeError, match="_passes and the merge disagree"):
+        merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert _threads_left() == []
+
+
 def test_input_truncated_during_merge_is_named(tmp_path, monkeypatch):
     """A checkpoint file cut short after the plan checked it (another process rewriting it):
     the reader thread's error reaches the caller naming the file, nothing is written, and the
