@@ -14,13 +14,13 @@ mergekit's YAML) over checkpoint directories and writes a Hugging Face checkpoin
 2. **Merge**, tensor by tensor in file order: the inputs are ``np.memmap`` views of the files
    (page cache, not the process's own memory), read with ``pread`` in chunks of 1M entries
    into reused aligned buffers that XLA reads in place; while tensor i is merged, the next
-   tensor's pages are read ahead (``posix_fadvise``), and for the elementwise methods a
-   reader thread fills the next chunks' buffers (:class:`_ChunkFeed`). Each merged chunk, in
-   the output dtype, goes to a writer thread that puts it straight into its place in its shard
-   (:meth:`jmerge.io.ShardedWriter.add_part`, ``O_DIRECT`` for large shards). The
-   process's own (anonymous) memory stays about (inputs + 2) × the largest tensor (the
-   selecting methods) or a few chunks (the elementwise ones), however large the
-   checkpoints.
+   tensor's pages are read ahead (``posix_fadvise``), and a reader thread fills the next
+   chunks' buffers (:class:`_ChunkFeed`). Each merged chunk, in the output dtype, goes to a
+   writer thread that puts it straight into its place in its shard
+   (:meth:`jmerge.io.ShardedWriter.add_part`, ``O_DIRECT`` for large shards). The process's
+   own (anonymous) memory stays about (inputs + 2) × the largest tensor (the methods that
+   merge whole tensors, or compute masks over them) or a few chunks (the elementwise and
+   selecting methods and DARE), however large the checkpoints.
 3. **Commit**: ``config.json`` (``torch_dtype`` set to the output dtype) and the tokenizer files
    of the donor (or ``tokenizer_source``) are copied into the staging directory, which then
    replaces ``out`` atomically: an error or a kill at any point leaves the previous ``out`` or
@@ -63,7 +63,12 @@ from jmerge.config import (
     resolve_parameters,
 )
 from jmerge.io._memory import PeakMemory
-from jmerge.io.safetensors import CheckpointError, SafetensorsCheckpoint, ShardedWriter
+from jmerge.io.safetensors import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    ShardedWriter,
+    file_region,
+)
 
 __all__ = ["MergeSummary", "TensorPlan", "MergePlan", "plan_merge", "merge_checkpoints"]
 
@@ -590,7 +595,7 @@ def _streamed_kth(chunks: Callable, n: int, wanted: Sequence[Sequence[int]],
                   select_dtype) -> list[list[int]]:
     """Per model i, the order keys (ints) of the k-th largest |δ_i| for each k in
     ``wanted[i]``, over a tensor read in chunks (``chunks()`` yields ``(start, stop, base,
-    stack)`` as :func:`_input_chunks`, re-read once per radix pass): radix select as
+    stack)`` as :meth:`_ChunkFeed.tensor`, re-read once per radix pass): radix select as
     :func:`jmerge.merges._select.kth_largest_over`, each pass's histograms summed over the
     chunks (one pass for 16-bit dtypes, two for float32) and every model counted from the
     same chunk, so the selection holds one chunk of each model, not the tensor."""
@@ -629,8 +634,16 @@ def _streamed_kth(chunks: Callable, n: int, wanted: Sequence[Sequence[int]],
     return [ps[: len(w)] for ps, w in zip(prefixes, wanted, strict=True)]
 
 
-def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool=None,
-               feed=None):
+def _rescales(config: MergeConfig, params) -> bool:
+    """Whether a sparsifying method rescales the kept entries by its L1 factors (mergekit's
+    ``rescale``, given or its default for the method)."""
+    from jmerge.merges.mergekit import METHODS
+
+    default = METHODS[config.merge_method].global_["rescale"].default
+    return bool(params.global_.get("rescale", default))
+
+
+def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, feed):
     """Each model's magnitude-selection bounds ((N,) lo, (N,) hi) and L1 factors (N,),
     computed over the whole tensor from chunks, every model from the same chunk
     (:func:`_streamed_kth`; the bounds from the ranks as the in-memory merge takes them,
@@ -643,15 +656,14 @@ def _selection(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, pool
     spec, kind = METHODS[method], _GTA_KIND[method]
     n = math.prod(t.shape)
     select_dtype = _common_dtype(np.asarray(by_ref[r]).dtype for r in config.inputs)
-    rescale = bool(params.global_.get("rescale", spec.global_["rescale"].default))
+    rescale = _rescales(config, params)
 
     def per_model(name, i):
         default = spec.per_model[name].default if name in spec.per_model else 0.0
         return float(np.asarray(params.per_model.get(name, [default] * len(config.stack))[i]))
 
     def chunks():
-        return (_input_chunks(config, by_ref, n, pool=pool) if feed is None
-                else feed.tensor(t.name, n))
+        return feed.tensor(t.name, n)
 
     models = range(len(config.stack))
     densities = [per_model("density", i) for i in models]
@@ -709,23 +721,17 @@ def _chunk_random_l1(base, stack, valid, density, key, start):
     return jnp.sum(jnp.where(live, delta, 0), axes), jnp.sum(jnp.where(keep, delta, 0), axes)
 
 
-def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, key,
-                   pool=None, feed=None):
+def _random_scales(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, key, feed):
     """DARE's L1 rescale factors ‖δ_t‖₁ / ‖m_t ⊙ δ_t‖₁ (mergekit
     sparsify.rescaled_masked_tensor) over the whole tensor, from one pass over its chunks;
     None when the method does not rescale."""
-    from jmerge.merges.mergekit import METHODS
-
-    spec = METHODS[config.merge_method]
-    if not bool(params.global_.get("rescale", spec.global_["rescale"].default)):
+    if not _rescales(config, params):
         return None
     n = math.prod(t.shape)
     density = jnp.asarray(np.asarray(params.per_model["density"], np.float32))
     before = np.zeros(len(config.stack))
     after = np.zeros(len(config.stack))
-    chunks = (_input_chunks(config, by_ref, n, pool=pool) if feed is None
-              else feed.tensor(t.name, n))
-    for start, stop, base, stack in chunks:
+    for start, stop, base, stack in feed.tensor(t.name, n):
         s0, s1 = _chunk_random_l1(base, stack, stop - start, density, key, start)
         before += np.asarray(s0, np.float64)
         after += np.asarray(s1, np.float64)
@@ -774,83 +780,6 @@ def _aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _input_chunks(config: MergeConfig, by_ref: Mapping, n: int, *, masks=None, pool=None):
-    """Yields ``(start, stop, base, stack[, masks])`` for the flat chunks [start, stop) of a
-    tensor of n entries: ``stack`` (N, *lanes) holds the models' pieces and ``base`` (lanes)
-    the base model's (None without one), zero-padded past ``stop`` to the chunk length
-    :func:`_padded_size` (so a model runs a few compiled programs, one per chunk length).
-
-    The pieces are copied into 64-byte aligned host buffers that go to the device as they are
-    (``device_put(may_alias=True)``: read in place on CPU): stacking N device arrays inside
-    the compiled program (``jnp.stack``, a concatenate) kept XLA:CPU from fusing it with the
-    merge, 15 ms instead of 1.3 ms per chunk of 4M entries (task arithmetic, 3 models,
-    measured). Two sets of buffers alternate, so that chunk i + 1 is copied while the kernel
-    of chunk i runs: the caller must have waited for every result computed from chunk i − 1
-    (``np.asarray``) before asking for chunk i + 1, whose copy overwrites its buffers.
-
-    ``pool`` (a dict, one per merge): buffers are kept there and reused by the next tensor
-    with the same chunk layout, instead of allocated per tensor (fresh pages fault in on their
-    first write: measured 0.35-0.5 s instead of 0.23 s to read 2.85 GB of inputs); buffers in
-    use by another live generator are not shared."""
-    size = _padded_size(n)
-    lanes = (size // _LANES, _LANES) if size % _LANES == 0 else (size,)
-    flat = {ref: np.asarray(by_ref[ref]).reshape(-1) for ref in config.inputs}
-    stack_dtype = _common_dtype(flat[ref].dtype for ref in config.stack)
-    base_dtype = None if config.base is None else flat[config.base].dtype
-    sets = 2 if n > size else 1
-
-    def buffers():
-        stack_buf = _aligned_zeros((len(config.stack), size), stack_dtype)
-        mask_buf = None if masks is None else _aligned_zeros((len(masks), size), bool)
-        base_buf = None if base_dtype is None else _aligned_zeros((size,), base_dtype)
-        return stack_buf, mask_buf, base_buf
-
-    key = (len(config.stack), size, stack_dtype, None if masks is None else len(masks),
-           base_dtype)
-    # Taken out of the pool while in use (a generator alive at the same time allocates its
-    # own), put back when done.
-    buffer_sets = [] if pool is None else pool.pop(key, [])
-    buffer_sets += [buffers() for _ in range(sets - len(buffer_sets))]
-
-    # Tensors that view a checkpoint file are read with pread: one copy from the page cache
-    # into the buffer, without faulting in the mapping's pages first.
-    regions = {ref: _region(by_ref[ref]) for ref in config.inputs}
-    fds = _Descriptors()
-
-    def fill(buf, ref, start, stop):
-        _fill(buf, flat[ref], start, stop, regions[ref], fds)
-
-    try:
-        for i, start in enumerate(range(0, n, size)):
-            stop = min(start + size, n)
-            stack_buf, mask_buf, base_buf = buffer_sets[i % sets]
-            for row, ref in zip(stack_buf, config.stack, strict=True):
-                fill(row, ref, start, stop)
-            stack = jax.device_put(stack_buf.reshape(len(config.stack), *lanes), may_alias=True)
-            base = None
-            if base_buf is not None:
-                fill(base_buf, config.base, start, stop)
-                base = jax.device_put(base_buf.reshape(lanes), may_alias=True)
-            if mask_buf is None:
-                yield start, stop, base, stack
-                continue
-            for row, m in zip(mask_buf, masks, strict=True):
-                _fill(row, m, start, stop)
-            yield start, stop, base, stack, jax.device_put(
-                mask_buf.reshape(len(masks), *lanes), may_alias=True)
-    finally:
-        fds.close()
-        if pool is not None:
-            pool[key] = buffer_sets
-
-
-def _region(a: np.ndarray):
-    """``(path, byte offset)`` of a tensor that views a checkpoint file, else None."""
-    from jmerge.io.safetensors import file_region
-
-    return file_region(a)
-
-
 class _Descriptors(dict):
     """Read-only file descriptors by path, opened on first use; :meth:`close` closes all."""
 
@@ -885,12 +814,20 @@ class _ChunkFeed:
     (measured with reads on the merging thread: 0.18-0.37 s of a 0.74-0.98 s task-arithmetic
     merge of 4 × 713 MB had neither a read nor a write running).
 
-    Three buffer sets of the largest chunk's size rotate: the thread fills a set as soon as
-    one is released. :meth:`tensor` yields one pass over a tensor's chunks as
-    :func:`_input_chunks` does, under the same contract (asking for chunk i + 1 releases the
-    buffers of chunk i − 1, whose results the caller has collected). Used as a context
-    manager: leaving it stops the thread; a read error is raised by :meth:`tensor` in the
-    merging thread."""
+    A chunk is the flat entries [start, stop) of a tensor, zero-padded to the chunk length
+    :func:`_padded_size` (so a model runs a few compiled programs, one per chunk length): the
+    models' pieces in one (N, *lanes) buffer, the base model's in another, both 64-byte
+    aligned so that XLA reads them in place (``device_put(may_alias=True)``; stacking N
+    device arrays inside the compiled program kept XLA:CPU from fusing it with the merge,
+    15 ms instead of 1.3 ms per chunk of 4M entries, task arithmetic, 3 models). Three buffer
+    sets of the largest chunk's size, allocated once per merge (fresh buffers per tensor
+    faulted their pages in: 0.35-0.5 s instead of 0.23 s to read 2.85 GB), rotate: the
+    thread fills a set as soon as one is released.
+
+    :meth:`tensor` yields one pass over a tensor's chunks; asking for chunk i + 1 releases the
+    buffers of chunk i − 1, so the caller must have collected every result computed from
+    chunk i − 1 (``np.asarray``) by then. Used as a context manager: leaving it stops the
+    thread; a read error is raised by :meth:`tensor` in the merging thread."""
 
     _DEPTH = 3
     _END = "end of the schedule"
@@ -899,15 +836,19 @@ class _ChunkFeed:
         self._plan = plan
         config = plan.config
         self._n_stack = len(config.stack)
-        self._schedule = [(t, k) for t in plan.tensors if (k := _passes(plan, t))]
+        self._schedule = []  # (tensor, passes, stack dtype, base dtype)
         widths = [0]
-        for t, _ in self._schedule:
+        for t in plan.tensors:
+            if not (passes := _passes(plan, t)):
+                continue
             dtype = {ref: plan.checkpoints[ref].dtype(src)
                      for ref, src in zip(config.inputs, t.sources, strict=True)}
+            stack_dtype = _common_dtype(dtype[ref] for ref in config.stack)
+            base_dtype = None if config.base is None else dtype[config.base]
+            self._schedule.append((t, passes, stack_dtype, base_dtype))
             size = _padded_size(math.prod(t.shape))
-            stack = (_common_dtype(dtype[ref] for ref in config.stack).itemsize * size
-                     * self._n_stack)
-            base = 0 if config.base is None else dtype[config.base].itemsize * size
+            stack = stack_dtype.itemsize * size * self._n_stack
+            base = 0 if base_dtype is None else base_dtype.itemsize * size
             widths.append(-(-stack // _ALIGN) * _ALIGN + base)
         self._sets = [_aligned_zeros((max(widths),), np.uint8) for _ in range(self._DEPTH)]
         self._free = threading.Semaphore(self._DEPTH)
@@ -938,12 +879,10 @@ class _ChunkFeed:
         config, fds = self._plan.config, _Descriptors()
         try:
             i = 0
-            for t, passes in self._schedule:
+            for t, passes, stack_dtype, base_dtype in self._schedule:
                 flat = {ref: np.asarray(a).reshape(-1)
                         for ref, a in zip(config.inputs, _views(self._plan, t), strict=True)}
-                regions = {ref: _region(a) for ref, a in flat.items()}
-                stack_dtype = _common_dtype(flat[ref].dtype for ref in config.stack)
-                base_dtype = None if config.base is None else flat[config.base].dtype
+                regions = {ref: file_region(a) for ref, a in flat.items()}
                 n = math.prod(t.shape)
                 size = _padded_size(n)
                 for start in [s for _ in range(passes) for s in range(0, n, size)]:
@@ -1002,29 +941,34 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, path) -> None:
         view, offset = view[got:], offset + got
 
 
-def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params,
-                   masks=None, scales=None, bounds=None, key=None, pool=None, feed=None):
+def _merge_chunked(config: MergeConfig, t: TensorPlan, by_ref: Mapping, params, feed,
+                   masks=None, scales=None, bounds=None, key=None):
     """An elementwise method (or a sparsifying one given its masks, selection bounds or
-    random key, and its factors) over flat chunks of fixed length (:func:`_input_chunks`):
-    yields ``(start, piece, finite)``, each chunk's merged entries (flat, output dtype, on the
-    host) as soon as they are computed, so no tensor-sized output buffer is held; each piece
-    is collected one chunk late, while the next chunk's kernel runs. ``feed``: a
-    :class:`_ChunkFeed` that reads the chunks (unmasked merges only)."""
+    random key, and its factors) over the chunks of ``feed`` (:class:`_ChunkFeed`): yields
+    ``(start, piece, finite)``, each chunk's merged entries (flat, output dtype, on the host)
+    as soon as they are computed, so no tensor-sized output buffer is held; each piece is
+    collected one chunk late, while the next chunk's kernel runs. ``masks`` (flat bool, one
+    per model) are copied per chunk into two aligned buffers that alternate as the feed's
+    do."""
     n = math.prod(t.shape)
     args = _kernel_args(params)
+    mask_sets = (None if masks is None else
+                 [_aligned_zeros((len(masks), _padded_size(n)), bool) for _ in range(2)])
     pending = None  # the previous chunk's (start, stop, merged, ok), collected one step late
 
     def collect(start, stop, merged, ok):
         # np.asarray waits for the kernel: its chunk buffers may then be refilled.
         return start, np.asarray(merged).reshape(-1)[: stop - start], ok
 
-    chunks = (_input_chunks(config, by_ref, n, masks=masks, pool=pool) if feed is None
-              else feed.tensor(t.name, n))
-    for start, stop, base, stack, *piece_masks in chunks:
-        merged, ok = _tensor_kernel(base, stack, key=key,
-                                    masks=piece_masks[0] if piece_masks else None,
-                                    scales=scales, bounds=bounds,
-                                    start=None if key is None else start,
+    for i, (start, stop, base, stack) in enumerate(feed.tensor(t.name, n)):
+        piece_masks = None
+        if mask_sets is not None:
+            buf = mask_sets[i % 2]
+            for row, m in zip(buf, masks, strict=True):
+                _fill(row, m, start, stop)
+            piece_masks = jax.device_put(buf.reshape(stack.shape), may_alias=True)
+        merged, ok = _tensor_kernel(base, stack, key=key, masks=piece_masks, scales=scales,
+                                    bounds=bounds, start=None if key is None else start,
                                     method=config.merge_method,
                                     out_dtype=np.dtype(t.dtype), **args)
         if pending is not None:  # while this chunk's kernel runs, the next one is copied
@@ -1038,11 +982,12 @@ def _passes(plan: MergePlan, t: TensorPlan) -> int:
     """How many times :func:`_merge_parts` reads tensor t's chunks through a
     :class:`_ChunkFeed` (the feed's schedule; 0 where it reads none, or reads them itself):
     one merge pass, after the selection's radix passes (:func:`_streamed_kth`, one per digit)
-    and the L1 pass of a rescaling method. Must follow :func:`_merge_parts`,
+    and the L1 pass of a rescaling method; none for whole tensors (scalars, the principled
+    and in-memory methods). Must follow :func:`_merge_parts`,
     :func:`_selection` and :func:`_random_scales`; a difference is an error there
     (:meth:`_ChunkFeed.tensor`), never a wrong result."""
     from jmerge.merges._select import _digits
-    from jmerge.merges.mergekit import METHODS, SELECTING
+    from jmerge.merges.mergekit import SELECTING
 
     config, n = plan.config, math.prod(t.shape)
     method = config.merge_method
@@ -1050,11 +995,11 @@ def _passes(plan: MergePlan, t: TensorPlan) -> int:
         return 0
     if method in _ELEMENTWISE:
         return 1
-    if len(t.shape) == 0 or (method not in _HASHED and method not in SELECTING):
+    if len(t.shape) == 0 or method not in _SPARSIFYING:
         return 0
-    params = resolve_parameters(config, t.name, plan.num_layers)
-    rescale = int(bool(params.global_.get("rescale",
-                                          METHODS[method].global_["rescale"].default)))
+    if method not in _HASHED and method not in SELECTING:
+        return 1  # masks computed in memory, then the merge pass
+    rescale = int(_rescales(config, resolve_parameters(config, t.name, plan.num_layers)))
     if method in _HASHED:
         return rescale + 1
     dtype = _common_dtype(plan.checkpoints[ref].dtype(src)
@@ -1062,8 +1007,8 @@ def _passes(plan: MergePlan, t: TensorPlan) -> int:
     return len(_digits(8 * dtype.itemsize, n)) + rescale + 1
 
 
-def _merge_parts(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays, pool=None,
-                 feed=None):
+def _merge_parts(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays,
+                 feed: _ChunkFeed):
     """Yields ``(start, piece, finite)`` for one tensor: its merged entries from flat index
     ``start`` on (output dtype), in order; the elementwise and sparsifying methods yield
     chunks (:func:`_merge_chunked`), the others the whole tensor once."""
@@ -1074,24 +1019,22 @@ def _merge_parts(plan: MergePlan, scale: float, seed: int, t: TensorPlan, arrays
     params = resolve_parameters(config, t.name, plan.num_layers)
     by_ref = dict(zip(config.inputs, arrays, strict=True))
     if config.merge_method in _ELEMENTWISE:
-        yield from _merge_chunked(config, t, by_ref, params, pool=pool, feed=feed)
+        yield from _merge_chunked(config, t, by_ref, params, feed)
         return
     from jmerge.merges.mergekit import SELECTING
 
     if config.merge_method in _HASHED and len(t.shape) > 0:
         key = _key_for(seed, t.name)
-        scales = _random_scales(config, t, by_ref, params, key, pool=pool, feed=feed)
-        yield from _merge_chunked(config, t, by_ref, params, scales=scales, key=key, pool=pool,
-                                  feed=feed)
+        scales = _random_scales(config, t, by_ref, params, key, feed)
+        yield from _merge_chunked(config, t, by_ref, params, feed, scales=scales, key=key)
         return
     if config.merge_method in SELECTING and len(t.shape) > 0:
-        bounds, scales = _selection(config, t, by_ref, params, pool=pool, feed=feed)
-        yield from _merge_chunked(config, t, by_ref, params, scales=scales, bounds=bounds,
-                                  pool=pool, feed=feed)
+        bounds, scales = _selection(config, t, by_ref, params, feed)
+        yield from _merge_chunked(config, t, by_ref, params, feed, scales=scales, bounds=bounds)
         return
     if config.merge_method in _SPARSIFYING and len(t.shape) > 0:
         masks, scales = _sparsify(config, t, by_ref, params, seed)
-        yield from _merge_chunked(config, t, by_ref, params, masks, scales, pool=pool)
+        yield from _merge_chunked(config, t, by_ref, params, feed, masks, scales)
         return
     base = None if config.base is None else jnp.asarray(by_ref[config.base])
     stack = tuple(jnp.asarray(by_ref[ref]) for ref in config.stack)
@@ -1126,8 +1069,6 @@ def _touch(arrays: Sequence[np.ndarray]) -> None:
     process's memory) while the current one merges: for tensors in checkpoint files an
     asynchronous readahead (``posix_fadvise(WILLNEED)``; the merge then reads them with
     ``pread``), for other memory-mapped arrays one byte per 4 KiB page faulted in."""
-    from jmerge.io.safetensors import file_region
-
     for a in arrays:
         region = file_region(a) if hasattr(os, "posix_fadvise") else None
         if region is not None:
@@ -1302,13 +1243,11 @@ def merge_checkpoints(
                 prefetch = stack.enter_context(_Background(_touch))
                 feed = stack.enter_context(_ChunkFeed(plan))
                 views = _views(plan, plan.tensors[0]) if plan.tensors else []
-                pool: dict = {}  # chunk buffers, reused from tensor to tensor
                 for i, t in enumerate(plan.tensors):
                     if i + 1 < len(plan.tensors):
                         nxt = _views(plan, plan.tensors[i + 1])
                         prefetch(nxt)
-                    for begin, piece, finite in _merge_parts(plan, scale, seed, t, views, pool,
-                                                             feed):
+                    for begin, piece, finite in _merge_parts(plan, scale, seed, t, views, feed):
                         if not bool(finite):
                             raise FloatingPointError(
                                 f"{plan.config.merge_method}: the merged tensor {t.name!r} has "

@@ -491,6 +491,50 @@ def test_models_stored_in_different_dtypes(tmp_path, monkeypatch, method, chunk,
                                    atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_masked_methods_from_files_in_chunks_equal_whole_tensor_merges(
+    family, tmp_path, monkeypatch, method
+):
+    """DELLA's masks are drawn over the whole tensor (its keep probabilities follow ranks),
+    then the merge runs over the feed's chunks with the masks copied in per chunk: equal to
+    the whole-tensor merge given the same masks and factors (drawn with the tensor's key
+    folded with the model's index, as the file merge draws them), for tensors spanning
+    several 2048-entry chunks."""
+    from jmerge.io import streaming
+    from jmerge.merges.mergekit import merge_tensor, sparsify_task_vector
+
+    monkeypatch.setattr(streaming, "_CHUNK", 2048)
+    root, base, fts = family
+    params = {"density": 0.5, "epsilon": 0.1}
+    cfg = _write(tmp_path / "m.yaml", {
+        "merge_method": method, "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": w} | params}
+                   for p, w in zip(fts, [0.5, 0.3, 0.2], strict=True)]})
+    merge_checkpoints(cfg, tmp_path / "out", progress=False)
+    out = SafetensorsCheckpoint(tmp_path / "out")
+    b = SafetensorsCheckpoint(base)
+    f = [SafetensorsCheckpoint(p) for p in fts]
+    per_model = {"weight": np.array([0.5, 0.3, 0.2]), "density": np.full(3, 0.5),
+                 "epsilon": np.full(3, 0.1)}
+    checked = 0
+    for name in b.names:
+        if len(b.shape(name)) < 1:
+            continue
+        key = streaming._key_for(0, name)
+        x0 = jnp.asarray(b.get(name))
+        xs = [jnp.asarray(fi.get(name)) for fi in f]
+        drawn = [sparsify_task_vector(method, x0, x, {k: v[i] for k, v in per_model.items()},
+                                      {}, key=jax.random.fold_in(key, i))
+                 for i, x in enumerate(xs)]
+        want = merge_tensor(method, x0, jnp.stack(xs), per_model, {},
+                            masks=jnp.stack([m for m, _ in drawn]),
+                            scales=jnp.stack([c for _, c in drawn]))
+        np.testing.assert_allclose(_f32(out, name), np.asarray(want, np.float32),
+                                   rtol=2 ** -7, atol=1e-6, err_msg=name)
+        checked += math.prod(b.shape(name)) > 2 * 2048
+    assert checked > 0
+
+
 def _threads_left():
     import threading
 
