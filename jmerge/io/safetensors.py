@@ -1103,15 +1103,10 @@ class ShardedWriter:
           OSError: the disk is full or a file-size limit was hit (the file is named); the
             staging directory is then removed (``out`` is untouched) and the writer is closed.
         """
-        if self._done:
-            raise RuntimeError(f"ShardedWriter({self.out}) is closed.")
-        if name in self._written:
-            raise ValueError(f"tensor {name!r} was already added.")
+        self._check_open(name)
         try:
             if self._specs is not None:
-                spec = self._specs.get(name)
-                if spec is None:
-                    raise ValueError(f"tensor {name!r} is not in the plan.")
+                spec = self._planned(name)
                 if name in self._parts:
                     raise ValueError(f"tensor {name!r}: {self._parts[name]} of "
                                      f"{math.prod(spec.shape)} entries were added with "
@@ -1145,15 +1140,10 @@ class ShardedWriter:
             that differs. The error names the tensor.
           OSError: as :meth:`add`.
         """
-        if self._done:
-            raise RuntimeError(f"ShardedWriter({self.out}) is closed.")
+        self._check_open(name)
         if self._specs is None:
             raise ValueError("add_part needs a plan (ShardedWriter(..., plan=...)).")
-        spec = self._specs.get(name)
-        if spec is None:
-            raise ValueError(f"tensor {name!r} is not in the plan.")
-        if name in self._written:
-            raise ValueError(f"tensor {name!r} was already added.")
+        spec = self._planned(name)
         done, size = self._parts.get(name, 0), math.prod(spec.shape)
         x = np.asarray(jax.device_get(array)).reshape(-1)
         if start != done or done + x.size > size:
@@ -1172,6 +1162,19 @@ class ShardedWriter:
             self._written.add(name)
         else:
             self._parts[name] = done + x.size
+
+    def _check_open(self, name: str) -> None:
+        if self._done:
+            raise RuntimeError(f"ShardedWriter({self.out}) is closed.")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} was already added.")
+
+    def _planned(self, name: str) -> _Spec:
+        assert self._specs is not None
+        spec = self._specs.get(name)
+        if spec is None:
+            raise ValueError(f"tensor {name!r} is not in the plan.")
+        return spec
 
     def _write(self, spec: _Spec, x: np.ndarray, start: int, complete: bool = True) -> None:
         """Planned mode: ``x`` at entry ``start`` of ``spec``; finish its shard when done."""
